@@ -1,0 +1,5 @@
+"""Configuration of stream-counter (pydantic-settings)."""
+
+from config.settings import ENV_PREFIX, LogFormat, LogLevel, Settings, redact_url
+
+__all__ = ["ENV_PREFIX", "LogFormat", "LogLevel", "Settings", "redact_url"]

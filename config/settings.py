@@ -1,0 +1,119 @@
+"""Worker configuration: environment variables prefixed ``STREAM_COUNTER_``, overridable by flags.
+
+Settings are read once, at the edge (the CLI), and passed to everything else. Nothing below
+this module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from enum import StrEnum
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STREAM_COUNTER_"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+def default_consumer_name() -> str:
+    """Unique per process, readable in XINFO CONSUMERS: ``<host>-<pid>``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (the user name is kept)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+PositiveMs = Annotated[int, Field(ge=1)]
+
+
+class Settings(BaseSettings):
+    """Everything a replica needs. Field ``x`` is set by ``STREAM_COUNTER_X`` or ``--x``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    stream: str = Field("events", min_length=1)
+    group: str = Field("stream-counter", min_length=1)
+    consumer: str = Field(default_factory=default_consumer_name, min_length=1)
+    dead_letter_stream: str | None = None
+    batch_size: int = Field(256, ge=1, le=1000)
+    block_ms: int = Field(1000, ge=1, le=60_000)
+    claim_idle_ms: int = Field(30_000, ge=10)
+    max_deliveries: int = Field(5, ge=1)
+    lock_ttl_ms: int = Field(10_000, ge=10)
+    lock_wait_ms: int = Field(2_000, ge=0)
+    dedupe_window_ms: int = Field(86_400_000, ge=1_000)
+    shutdown_grace_ms: int = Field(10_000, ge=0)
+    log_level: LogLevel = LogLevel.INFO
+    log_format: LogFormat | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        try:
+            parts = urlsplit(url)
+            port = parts.port  # raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError("must start with redis:// or rediss://")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        del port
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return value or None
+        return value
+
+    @property
+    def dead_letter(self) -> str:
+        return self.dead_letter_stream or f"{self.stream}:dead"
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.redis_url.get_secret_value())
+
+    def env_name(self, field: str) -> str:
+        return ENV_PREFIX + field.upper()

@@ -1,0 +1,220 @@
+"""``stream-counter run | get | produce``.
+
+Configuration comes from ``STREAM_COUNTER_*`` environment variables, each overridable by
+the flag of the same name (``STREAM_COUNTER_BATCH_SIZE`` / ``--batch-size``). Invalid
+configuration prints one line per bad variable and exits with ExitCode.CONFIG before any
+connection to Redis is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from config import ENV_PREFIX, Settings
+from worker import __version__, counters, events, scripts
+from worker.backoff import reconnect_delay
+from worker.connection import check_server, connect, ensure_group
+from worker.consumer import Consumer, sleep_unless
+from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
+from worker.logs import configure, scrub
+from worker.shutdown import Shutdown
+
+# Flags shared by every command, and those only ``run`` takes: (field, metavar, help).
+_COMMON = [
+    ("redis_url", "URL", "redis:// or rediss:// URL (password is never logged)"),
+    ("stream", "NAME", "stream to consume / produce to"),
+]
+_RUN = [
+    ("group", "NAME", "consumer group (created from the start of the stream if missing)"),
+    ("consumer", "NAME", "consumer name, unique per replica (default: host-pid)"),
+    ("dead_letter_stream", "NAME", "where rejected entries go (default: <stream>:dead)"),
+    ("batch_size", "N", "entries per read (1..1000)"),
+    ("block_ms", "MS", "how long one read blocks waiting for entries"),
+    ("claim_idle_ms", "MS", "idle time after which another replica claims a pending entry"),
+    ("max_deliveries", "N", "deliveries after which an entry is dead-lettered"),
+    ("lock_ttl_ms", "MS", "lifetime of a counter lock"),
+    ("lock_wait_ms", "MS", "longest wait for busy counter locks per batch"),
+    ("dedupe_window_ms", "MS", "how long event_id and entry markers are kept"),
+    ("shutdown_grace_ms", "MS", "after SIGTERM/SIGINT, exit forcibly after this long"),
+    ("log_level", "LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    ("log_format", "FORMAT", "json or console (default: json unless stdout is a terminal)"),
+]
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _add(parser: argparse.ArgumentParser, options: list[tuple[str, str, str]]) -> None:
+    for field, metavar, text in options:
+        parser.add_argument(
+            _flag(field), dest=field, metavar=metavar, help=f"{text} [{ENV_PREFIX}{field.upper()}]"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream-counter",
+        description="Exactly-once counters from a Redis Stream, under a fenced lock.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run one worker replica")
+    _add(run, _COMMON + _RUN)
+
+    get = sub.add_parser("get", help="print counter values (a missing counter is 0)")
+    _add(get, _COMMON)
+    get.add_argument("--json", action="store_true", help="one JSON object name -> integer")
+    get.add_argument("names", nargs="+", metavar="NAME")
+
+    produce = sub.add_parser("produce", help="push one event to the stream")
+    _add(produce, _COMMON)
+    produce.add_argument("name", metavar="NAME")
+    produce.add_argument("--decr", action="store_true", help="decrement instead of increment")
+    produce.add_argument("--amount", default=None, help="1 .. 2^63-1 (default 1)")
+    produce.add_argument("--event-id", dest="event_id", default=None, help="idempotency key")
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given; exits 2 if invalid."""
+    overrides: dict[str, Any] = {
+        field: value
+        for field, _, _ in _COMMON + _RUN
+        if (value := getattr(args, field, None)) is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            source = _flag(field) if field in overrides else f"{ENV_PREFIX}{field.upper()}"
+            shown = "" if field == "redis_url" else f" (got {error.get('input')!r})"
+            print(
+                f"stream-counter: invalid configuration: {source}: {error['msg']}{shown}",
+                file=sys.stderr,
+            )
+        raise SystemExit(ExitCode.CONFIG) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings(args)
+    if args.command == "run":
+        return run(settings)
+    if args.command == "get":
+        return get(settings, args.names, as_json=args.json)
+    return produce(settings, args.name, decr=args.decr, amount=args.amount, event_id=args.event_id)
+
+
+def run(settings: Settings) -> int:
+    log = configure(settings)
+    shutdown = Shutdown(settings.shutdown_grace_ms)
+    shutdown.install()
+    log.info(
+        "starting",
+        redis_url=settings.redacted_url,
+        stream=settings.stream,
+        group=settings.group,
+        dead_letter_stream=settings.dead_letter,
+        **settings.model_dump(
+            exclude={"redis_url", "stream", "group", "consumer", "dead_letter_stream"}
+        ),
+    )
+    client = connect(settings)
+    try:
+        attempt = 0
+        while not shutdown.requested():
+            try:
+                version = check_server(client)
+                ensure_group(client, settings.stream, settings.group)
+                log.info("connected", redis_version=version)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                attempt += 1
+                delay = reconnect_delay(attempt)
+                log.warning(
+                    "redis unreachable; retrying",
+                    error=str(exc),
+                    attempt=attempt,
+                    retry_in_s=round(delay, 3),
+                )
+                sleep_unless(shutdown.requested, delay)
+        if not shutdown.requested():
+            Consumer(client, settings, log, shutdown.requested).run()
+    except RedisUnsupported as exc:
+        log.error("redis cannot run this worker", error=str(exc))
+        return ExitCode.REDIS
+    except Exception:
+        log.exception("worker failed")
+        return ExitCode.FAILURE
+    finally:
+        client.close()
+    log.info("exiting", signal=shutdown.signal_name or None)
+    return ExitCode.OK
+
+
+def get(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
+    client = connect(settings)
+    try:
+        values = counters.read_values(client, list(dict.fromkeys(names)))
+    except redis.ConnectionError as exc:
+        return _unreachable(settings, exc)
+    except (redis.ResponseError, ValueError) as exc:
+        print(f"stream-counter: cannot read counters: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(values))
+    else:
+        for name in names:
+            print(f"{name}\t{values[name]}")
+    return ExitCode.OK
+
+
+def produce(
+    settings: Settings, name: str, *, decr: bool, amount: str | None, event_id: str | None
+) -> int:
+    fields: dict[str, str] = {"counter": name}
+    if decr:
+        fields["op"] = "decr"
+    if amount is not None:
+        fields["amount"] = amount
+    if event_id is not None:
+        fields["event_id"] = event_id
+    flat = [part.encode() for item in fields.items() for part in item]
+    try:
+        events.parse(b"0-0", flat)
+    except InvalidEvent as exc:
+        print(f"stream-counter: invalid event: {exc.reason}", file=sys.stderr)
+        return ExitCode.CONFIG
+    client = connect(settings)
+    try:
+        entry_id = scripts.command(client, "XADD", settings.stream, "*", *flat)
+    except redis.ConnectionError as exc:
+        return _unreachable(settings, exc)
+    finally:
+        client.close()
+    print(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return ExitCode.OK
+
+
+def _unreachable(settings: Settings, exc: Exception) -> int:
+    print(
+        f"stream-counter: cannot reach Redis at {settings.redacted_url}: {scrub(str(exc))}",
+        file=sys.stderr,
+    )
+    return ExitCode.UNAVAILABLE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

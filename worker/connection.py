@@ -1,0 +1,74 @@
+"""The Redis client the worker uses, and the checks it makes before it starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.retry import Retry
+
+from config import Settings
+from worker import scripts
+from worker.errors import RedisUnsupported
+
+MIN_VERSION = (7, 0)
+
+# Stream replies are parsed by us (worker.stream), not by redis-py: we need the raw field
+# list (to see duplicate fields and deleted entries) and the exact shape of each reply.
+_RAW_REPLIES = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING")
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client with bytes replies, RESP2, no silent retries and bounded socket waits.
+
+    redis-py's own retry is off: a command that may have run must be seen as an error by
+    the consumer loop, which knows what is safe to repeat.
+    """
+    client = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        protocol=2,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        socket_timeout=settings.block_ms / 1000 + 10,
+        retry=Retry(NoBackoff(), 0),
+        client_name=f"stream-counter:{settings.consumer}",
+    )
+    for command in _RAW_REPLIES:
+        client.set_response_callback(command, _raw)
+    return client
+
+
+def check_server(client: redis.Redis) -> str:
+    """Fail with RedisUnsupported if the server is too old; return its version."""
+    try:
+        info = client.info("server")
+    except AuthenticationError as exc:
+        raise RedisUnsupported(f"Redis refused the credentials: {exc}") from None
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_VERSION:
+        raise RedisUnsupported(f"Redis {version} is too old: stream-counter needs >= 7.0")
+    return version
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group from the start of the stream (MKSTREAM) if missing.
+
+    Returns True if this call created it. BUSYGROUP (another replica was first) is fine.
+    """
+    try:
+        scripts.command(client, "XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
+    except ResponseError as exc:
+        message = str(exc)
+        if message.startswith("BUSYGROUP"):
+            return False
+        if message.startswith("WRONGTYPE"):
+            raise RedisUnsupported(f"key {stream!r} exists and is not a stream") from None
+        raise
+    return True

@@ -1,0 +1,111 @@
+"""Counter keys and the fenced, exactly-once write.
+
+Key layout: the keys of one counter share a hash tag, so they sit in one cluster slot and
+one script can touch them all:
+
+    sc:{<name>}:v        the value (a Redis integer; a missing key reads as 0)
+    sc:{<name>}:lock     the lock (see ``lock``)
+    sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
+                           'x:<entry id>'  entry applied, not yet acknowledged; cleared
+                                           after XACK, expires after the window otherwise
+                           'k:<event_id>'  producer's idempotency key; lives for the window
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import redis
+
+from worker import scripts
+from worker.events import Event
+from worker.scripts import Call
+
+APPLY = scripts.Script.load("counter_apply")
+FINISH = scripts.Script.load("counter_finish")
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def value_key(name: str) -> str:
+    return f"sc:{{{name}}}:v"
+
+
+def lock_key(name: str) -> str:
+    return f"sc:{{{name}}}:lock"
+
+
+def applied_key(name: str) -> str:
+    return f"sc:{{{name}}}:applied"
+
+
+def entry_marker(entry_id: bytes) -> bytes:
+    return b"x:" + entry_id
+
+
+def event_marker(event_id: bytes | None) -> bytes:
+    return b"" if event_id is None else b"k:" + event_id
+
+
+class Outcome(Enum):
+    APPLIED = 1
+    LOCK_LOST = 0
+    ALREADY_APPLIED = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    outcome: Outcome
+    skipped: tuple[int, ...] = ()
+    """ALREADY_APPLIED: 0-based positions of the events that already have a marker."""
+    error: str = ""
+    """FAILED: Redis' error message (e.g. 'ERR increment or decrement would overflow')."""
+    value: int | None = None
+
+
+def apply_call(name: str, token: str, events: Sequence[Event], marker_ttl_ms: int) -> Call:
+    """The script call that applies ``events`` (all of counter ``name``) at once."""
+    args: list[str | bytes | int] = [token, marker_ttl_ms, sum(e.delta for e in events)]
+    for event in events:
+        args.append(entry_marker(event.entry_id))
+        args.append(event_marker(event.event_id))
+    return Call.eval(APPLY, [value_key(name), lock_key(name), applied_key(name)], args)
+
+
+def parse_apply(result: object) -> ApplyResult:
+    if isinstance(result, Exception):
+        return ApplyResult(Outcome.FAILED, error=str(result))
+    assert isinstance(result, list), result
+    code = int(result[0])
+    if code == 1:
+        return ApplyResult(Outcome.APPLIED, value=int(result[1]))
+    if code == 0:
+        return ApplyResult(Outcome.LOCK_LOST)
+    if code == 2:
+        return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in result[1:]))
+    error = result[1]
+    return ApplyResult(
+        Outcome.FAILED, error=error.decode() if isinstance(error, bytes) else str(error)
+    )
+
+
+def fits_int64(total: int) -> bool:
+    return INT64_MIN <= total <= INT64_MAX
+
+
+def finish_call(name: str, token: str, acked_entries: Iterable[bytes]) -> Call:
+    """Clear the entry markers of acknowledged entries and release the lock (see the .lua)."""
+    args: list[str | bytes | int] = [token, *(entry_marker(e) for e in acked_entries)]
+    return Call.eval(FINISH, [lock_key(name), applied_key(name)], args)
+
+
+def read_values(client: redis.Redis, names: Sequence[str]) -> dict[str, int]:
+    """Current values; a counter never written reads as 0."""
+    if not names:
+        return {}
+    raw = client.mget([value_key(n) for n in names])
+    return {n: int(v) if v is not None else 0 for n, v in zip(names, raw, strict=True)}

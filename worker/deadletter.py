@@ -1,0 +1,57 @@
+"""The dead-letter stream: rejected entries, with their original fields, ``error`` and
+``source_id``, written and acknowledged in one atomic script call.
+
+The script moves an entry only while it is still pending for the calling consumer, so each
+rejected entry lands there exactly once: a replica killed after the call has moved and
+acknowledged it, one killed before has done neither, and a replica that lost the entry to
+another (XAUTOCLAIM) leaves the judgement to the new owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+
+from worker import scripts
+from worker.scripts import Call
+
+DEAD_LETTER = scripts.Script.load("deadletter")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    entry_id: bytes
+    fields: list[bytes]
+    """The original entry, flat: [field1, value1, ...] (empty if it was deleted)."""
+    reason: str
+
+
+def dead_letter_call(
+    stream: str, dead_stream: str, group: str, consumer: str, rejected: Sequence[Rejected]
+) -> Call:
+    args: list[str | bytes | int] = [group, consumer]
+    for item in rejected:
+        args += [item.entry_id, item.reason, len(item.fields) // 2, *item.fields]
+    return Call.eval(DEAD_LETTER, [stream, dead_stream], args)
+
+
+def move(
+    client: redis.Redis,
+    stream: str,
+    dead_stream: str,
+    group: str,
+    consumer: str,
+    rejected: Sequence[Rejected],
+) -> list[bytes]:
+    """Dead-letter and acknowledge ``rejected``; return the ids actually moved."""
+    if not rejected:
+        return []
+    (result,) = scripts.run(
+        client, [dead_letter_call(stream, dead_stream, group, consumer, rejected)]
+    )
+    if isinstance(result, Exception):
+        raise result
+    assert isinstance(result, list)
+    return [bytes(r) for r in result]

@@ -1,0 +1,50 @@
+"""The one exception hierarchy of stream-counter, and the process exit codes.
+
+    StreamCounterError            base of everything we raise on purpose
+    ├── ConfigError               invalid settings; the CLI exits with ExitCode.CONFIG
+    ├── InvalidEvent              an entry that breaks the event contract; it is dead-lettered
+    └── RedisUnsupported          the server cannot run us (Redis < 7.0, the stream key holds
+                                  another type, authentication refused); ExitCode.REDIS
+
+Redis' own errors (redis.exceptions.*) are not wrapped: connection errors are retried by
+the consumer loop, and a write error on a counter is recorded as the entry's failure reason.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    """Stopped on request (SIGTERM/SIGINT) after finishing or handing back its batch."""
+    FAILURE = 1
+    """An unexpected error; the traceback is logged."""
+    CONFIG = 2
+    """Invalid configuration or usage, detected before touching Redis."""
+    REDIS = 3
+    """Redis refused us for good: version < 7.0, authentication, wrong key type."""
+    FORCED = 4
+    """A second signal, or the shutdown grace period ran out."""
+    UNAVAILABLE = 5
+    """``get``/``produce`` could not reach Redis (``run`` waits and retries instead)."""
+
+
+class StreamCounterError(Exception):
+    """Base class of every error stream-counter raises on purpose."""
+
+
+class ConfigError(StreamCounterError):
+    """The configuration is invalid; the message names the variable."""
+
+
+class InvalidEvent(StreamCounterError):
+    """A stream entry breaks the event contract; ``reason`` goes to the dead-letter stream."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RedisUnsupported(StreamCounterError):
+    """The Redis server cannot run this worker (and retrying will not change that)."""

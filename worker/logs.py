@@ -1,0 +1,59 @@
+"""Logging: structlog, JSON lines when stdout is not a terminal, coloured console otherwise.
+
+Secrets never reach a log line: settings are logged through ``Settings.redacted_url``, and
+as a safety net every string value is scrubbed of URL passwords (``scheme://user:pw@``).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from config import LogFormat, Settings
+
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+
+
+def scrub(text: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str) and "://" in value:
+            event[key] = scrub(value)
+    return event
+
+
+def configure(
+    settings: Settings, stream: TextIO | None = None
+) -> structlog.typing.FilteringBoundLogger:
+    """Configure structlog for this process and return the worker's logger."""
+    out = stream or sys.stdout
+    fmt = settings.log_format
+    if fmt is None:
+        fmt = LogFormat.CONSOLE if out.isatty() else LogFormat.JSON
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if fmt is LogFormat.JSON
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[settings.log_level.value]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    log: structlog.typing.FilteringBoundLogger = structlog.get_logger("stream-counter")
+    return log.bind(consumer=settings.consumer)

@@ -1,0 +1,60 @@
+-- Apply a group of events to one counter, fenced by its lock, exactly once.
+--
+-- KEYS[1] value key, KEYS[2] lock key, KEYS[3] applied-markers key (a sorted set:
+--         member 'x:<entry id>' or 'k:<event_id>', score = expiry time in ms)
+-- ARGV[1] lock token, ARGV[2] marker TTL in ms, ARGV[3] sum of the deltas (exact decimal,
+--         computed by the caller: Lua numbers are doubles), then per event two members:
+--         ARGV[2i+2] 'x:<entry id>', ARGV[2i+3] 'k:<event_id>' or '' when it has none.
+--
+-- Returns one of
+--   {0}                 the caller does not hold the lock: nothing written (fencing)
+--   {1, value}          applied: INCRBY done, markers added
+--   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
+--                       the caller drops them and calls again with the rest and their sum
+--   {3, error}          INCRBY failed (non-integer value, overflow): nothing written
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return {0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+
+local members = {}
+local owner = {}
+local n = 0
+for i = 4, #ARGV, 2 do
+  n = n + 1
+  members[#members + 1] = ARGV[i]
+  owner[#members] = n
+  if ARGV[i + 1] ~= '' then
+    members[#members + 1] = ARGV[i + 1]
+    owner[#members] = n
+  end
+end
+
+local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))
+local seen = {}
+local skipped = {2}
+for j = 1, #members do
+  if scores[j] and not seen[owner[j]] then
+    seen[owner[j]] = true
+    skipped[#skipped + 1] = owner[j]
+  end
+end
+if #skipped > 1 then
+  return skipped
+end
+
+local value = redis.pcall('INCRBY', KEYS[1], ARGV[3])
+if type(value) == 'table' and value.err then
+  return {3, value.err}
+end
+local expires = now + tonumber(ARGV[2])
+local zargs = {}
+for j = 1, #members do
+  zargs[#zargs + 1] = expires
+  zargs[#zargs + 1] = members[j]
+end
+redis.call('ZADD', KEYS[3], unpack(zargs))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return {1, value}

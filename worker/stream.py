@@ -1,0 +1,75 @@
+"""Reading the stream through the consumer group, as raw entries with delivery counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker import scripts
+from worker.scripts import Call
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    entry_id: bytes
+    fields: list[bytes] | None
+    """Flat [field1, value1, ...]; None if the entry was deleted from the stream."""
+    deliveries: int
+
+
+def parse_entries(raw: Any) -> list[tuple[bytes, list[bytes] | None]]:
+    """[[id, [f, v, ...] or nil], ...] -> [(id, fields or None), ...]"""
+    return [(bytes(item[0]), None if item[1] is None else list(item[1])) for item in raw or ()]
+
+
+def read_new(
+    client: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
+) -> list[Delivery]:
+    """Entries never delivered to anyone (XREADGROUP >): delivery count 1."""
+    args: list[str | int] = ["GROUP", group, consumer, "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", block_ms]
+    reply = scripts.command(client, "XREADGROUP", *args, "STREAMS", stream, ">")
+    if not reply:
+        return []
+    return [Delivery(i, f, 1) for i, f in parse_entries(reply[0][1])]
+
+
+def read_own_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int
+) -> list[Delivery]:
+    """This consumer's pending entries with id > ``after`` (history read, no BLOCK)."""
+    reply = scripts.command(
+        client, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS", stream, after
+    )
+    if not reply:
+        return []
+    entries = parse_entries(reply[0][1])
+    counts = delivery_counts(client, stream, group, [i for i, _ in entries])
+    return [Delivery(i, f, counts.get(i, 1)) for i, f in entries]
+
+
+def delivery_counts(
+    client: redis.Redis, stream: str, group: str, ids: Sequence[bytes]
+) -> dict[bytes, int]:
+    """Delivery count of each id still pending (one pipelined XPENDING per id)."""
+    calls = [Call.command("XPENDING", stream, group, i, i, 1) for i in ids]
+    counts: dict[bytes, int] = {}
+    for result in scripts.run(client, calls):
+        if isinstance(result, Exception):
+            raise result
+        for entry_id, _owner, _idle, times in result:
+            counts[bytes(entry_id)] = int(times)
+    return counts
+
+
+def confirm_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
+    """XCLAIM ... 0 ids JUSTID: which of ``ids`` are still pending (now ours).
+
+    JUSTID does not bump the delivery count; it resets the idle time, so no other replica
+    auto-claims them while we work.
+    """
+    return Call.command("XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
