@@ -17,7 +17,7 @@ MIN_VERSION = (7, 0)
 
 # Stream replies are parsed by us (worker.stream), not by redis-py: we need the raw field
 # list (to see duplicate fields and deleted entries) and the exact shape of each reply.
-_RAW_REPLIES = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING")
+_RAW_REPLIES = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XRANGE")
 
 
 def _raw(response: Any, **options: Any) -> Any:

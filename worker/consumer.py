@@ -139,8 +139,10 @@ class Consumer:
             batch = stream.read_own_pending(
                 self.client, s.stream, s.group, s.consumer, self._backlog, room
             )
-            self._backlog = batch[-1].entry_id if batch else None
-            return batch
+            if batch:
+                self._backlog = batch[-1].entry_id
+                return batch
+            self._backlog = None
         block = None if self._deferred else s.block_ms
         return stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
 
@@ -237,12 +239,15 @@ class Consumer:
             else:
                 busy[name] = groups[name]
         work = {n: [h for h in groups[n] if h[0].entry_id in pending] for n in held}
-        self._apply_held(work, held, outcome)
+        acked = self._apply(work, held, outcome)
+        self._ack_and_release(acked, held)
         return busy
 
-    def _apply_held(
+    def _apply(
         self, work: dict[str, list[Held]], held: dict[str, str], outcome: BatchOutcome
-    ) -> None:
+    ) -> dict[str, list[Held]]:
+        """Run the fenced apply script for every locked counter; return, per counter, the
+        entries to acknowledge (applied now, or found already applied)."""
         ttl = self.s.dedupe_window_ms
         # A repeated event_id inside the batch rides on its first occurrence.
         followers: dict[bytes, list[Held]] = defaultdict(list)
@@ -274,6 +279,11 @@ class Consumer:
                     acked[name] += items
                     outcome.applied += len(items)
                 elif result.outcome is counters.Outcome.LOCK_LOST:
+                    self.log.warning(
+                        "lock lost before the write: write refused, entries kept for a retry",
+                        counter=name,
+                        entries=len(items),
+                    )
                     self.stats.lock_lost += len(items)
                     outcome.lost += items
                 elif result.outcome is counters.Outcome.ALREADY_APPLIED:
@@ -296,7 +306,11 @@ class Consumer:
                 outcome.duplicates += len(extra)
         for extra in followers.values():
             outcome.lost += extra  # their first occurrence is not done: retry them with it
+        return acked
 
+    def _ack_and_release(self, acked: dict[str, list[Held]], held: dict[str, str]) -> None:
+        """XACK, then per locked counter clear the acknowledged entries' markers and release
+        the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
         ack_ids = [h[0].entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
         calls += [

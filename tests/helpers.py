@@ -1,0 +1,91 @@
+"""Producing events with known sums, and waiting for the group to drain."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import redis
+
+from worker import counters
+
+STREAM = "events"
+GROUP = "stream-counter"
+
+
+def push(r: redis.Redis, counter: str, delta: int = 1, event_id: str | None = None,
+         stream: str = STREAM, **extra: str) -> bytes:
+    fields: dict[str, str | int] = {"counter": counter}
+    if delta < 0:
+        fields["op"] = "decr"
+    if abs(delta) != 1:
+        fields["amount"] = abs(delta)
+    if event_id is not None:
+        fields["event_id"] = event_id
+    fields.update(extra)
+    return bytes(r.xadd(stream, fields))  # type: ignore[arg-type]
+
+
+def push_random(r: redis.Redis, n: int, names: int = 10, seed: int = 1,
+                stream: str = STREAM, with_event_ids: bool = False) -> Counter[str]:
+    """Push ``n`` valid events over ``names`` counters in pipelined chunks; return the sums."""
+    rng = random.Random(seed)
+    expected: Counter[str] = Counter()
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        name = f"c{rng.randrange(names)}"
+        delta = rng.choice([1, 1, 1, 2, 5, -1, -3, 1000])
+        expected[name] += delta
+        fields: dict[str, str | int] = {"counter": name}
+        if delta < 0:
+            fields["op"] = "decr"
+        if abs(delta) != 1:
+            fields["amount"] = abs(delta)
+        if with_event_ids:
+            fields["event_id"] = f"ev-{seed}-{i}"
+        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        if len(pipe) >= 500:
+            pipe.execute()
+    pipe.execute()
+    return expected
+
+
+def values(r: redis.Redis, names: list[str] | set[str]) -> dict[str, int]:
+    return counters.read_values(r, sorted(names))
+
+
+def drained(r: redis.Redis, stream: str = STREAM, group: str = GROUP) -> bool:
+    """Every entry of the stream delivered to the group and acknowledged."""
+    try:
+        groups = r.xinfo_groups(stream)
+    except redis.ResponseError:
+        return False
+    for g in groups:
+        if g["name"] in (group, group.encode()):
+            last = r.xinfo_stream(stream)["last-generated-id"]
+            return bool(g["pending"] == 0 and g["last-delivered-id"] == last)
+    return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def wait_drained(r: redis.Redis, timeout: float = 60, stream: str = STREAM) -> None:
+    wait_until(lambda: drained(r, stream), timeout, f"group on {stream!r} to drain")
+
+
+def bookkeeping_keys(r: redis.Redis) -> list[bytes]:
+    """Locks and markers left in Redis (values and streams are not bookkeeping)."""
+    return sorted(k for k in r.scan_iter(match="sc:*") if not k.endswith(b":v"))
+
+
+def dead_letters(r: redis.Redis, stream: str = STREAM + ":dead") -> list[dict[bytes, bytes]]:
+    return [fields for _id, fields in r.xrange(stream)]

@@ -1,0 +1,162 @@
+"""Exactly-once under faults: several worker processes on one group, killed, frozen, cut off.
+
+Every test ends the same way: the group drains, each counter equals the sum of its valid
+events, each invalid entry is in the dead-letter stream exactly once, and no lock or entry
+marker is left behind.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis
+from helpers import (
+    STREAM,
+    bookkeeping_keys,
+    dead_letters,
+    push_random,
+    values,
+    wait_drained,
+    wait_until,
+)
+
+pytestmark = pytest.mark.chaos
+
+FAST = {
+    "claim_idle_ms": 500,
+    "lock_ttl_ms": 300,
+    "lock_wait_ms": 200,
+    "block_ms": 100,
+    "batch_size": 50,
+}
+
+
+def push_with_invalid(r: redis.Redis, n: int, every: int = 50) -> tuple[Counter[str], set[bytes]]:
+    """``n`` valid events with an invalid one after every ``every``: each batch has some."""
+    expected: Counter[str] = Counter()
+    invalid: set[bytes] = set()
+    for chunk in range(n // every):
+        expected.update(push_random(r, every, names=20, seed=chunk))  # keeps negatives
+        invalid.add(bytes(r.xadd(STREAM, {"counter": f"c{chunk % 20}", "amount": "-1"})))
+    return expected, invalid
+
+
+def assert_exact(r: redis.Redis, expected: Counter[str], invalid: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+    assert values(r, set(expected)) == dict(expected)
+    sources = [d[b"source_id"] for d in dead_letters(r)]
+    assert sorted(sources) == sorted(invalid)  # each one, exactly once
+    wait_until(lambda: bookkeeping_keys(r) == [], 5, "locks and entry markers to go")
+
+
+@pytest.mark.parametrize(
+    ("step", "when"),
+    [
+        ("apply", "before"),  # locked and confirmed, nothing written
+        ("apply", "after"),  # counters written, entries not acknowledged
+        ("ack_and_release", "before"),  # same point, seen from the ack side
+        ("ack_and_release", "after"),  # acknowledged and released
+        ("dead_letter", "before"),  # about to dead-letter
+        ("dead_letter", "after"),  # dead-lettered and acknowledged
+    ],
+)
+def test_exactly_once_when_a_replica_is_killed_at_a_protocol_step(
+    redis_server: Any, spawn_worker: Any, step: str, when: str
+) -> None:
+    r = redis_server.client()
+    expected, invalid = push_with_invalid(r, 3000)
+    victim = spawn_worker(
+        redis_server.url, fault={"FAULT_STEP": step, "FAULT_WHEN": when, "FAULT_NTH": "3"}, **FAST
+    )
+    victim.wait_for_log("fault injected")
+    assert victim.wait(10) == -signal.SIGKILL
+    survivor = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, 60)
+    assert_exact(r, expected, invalid)
+    survivor.signal(signal.SIGTERM)
+    assert survivor.wait(10) == 0
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
+    redis_server: Any, spawn_worker: Any, when: str
+) -> None:
+    r = redis_server.client()
+    expected = push_random(r, 2000, names=10)
+    frozen = spawn_worker(
+        redis_server.url,
+        fault={"FAULT_STEP": "apply", "FAULT_WHEN": when, "FAULT_NTH": "2", "FAULT_ACTION": "stop"},
+        **FAST,
+    )
+    frozen.wait_for_log("fault injected")
+    time.sleep(0.2)
+    other = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, 60)  # the live replica claimed the frozen one's entries
+    frozen.signal(signal.SIGCONT)
+    if when == "before":  # its write comes late, after its lock expired: refused
+        frozen.wait_for_log("write refused")
+    time.sleep(1.0)  # let it finish its turn: acks and releases of a late replica
+    assert_exact(r, expected)
+    for worker in (frozen, other):
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+
+
+def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_worker: Any) -> None:
+    r = aof_redis.client()
+    expected = push_random(r, 6000, names=30)
+    workers = [spawn_worker(aof_redis.url, **FAST) for _ in range(2)]
+    wait_until(lambda: r.xinfo_groups(STREAM) and r.xinfo_groups(STREAM)[0]["entries-read"]
+               and r.xinfo_groups(STREAM)[0]["entries-read"] > 1000, 30, "some progress")
+    aof_redis.kill()  # SIGKILL: no chance to flush anything beyond what AOF already has
+    time.sleep(0.5)
+    aof_redis.start()
+    r = aof_redis.client()
+    wait_drained(r, 90)
+    assert_exact(r, expected)
+    for worker in workers:
+        assert "redis unreachable" in worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+
+
+def test_producer_retries_with_the_same_event_id_are_counted_once(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    r = redis_server.client()
+    expected = push_random(r, 1500, names=10, seed=7, with_event_ids=True)
+    entries = r.xrange(STREAM)
+    rng = random.Random(3)
+    for _id, fields in rng.sample(entries, 400):  # the producer's XADD retried
+        r.xadd(STREAM, fields)  # type: ignore[arg-type]
+    workers = [spawn_worker(redis_server.url, **FAST) for _ in range(2)]
+    wait_drained(r, 60)
+    assert values(r, set(expected)) == dict(expected)
+    assert dead_letters(r) == []
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+
+
+def test_exactly_once_while_replicas_are_killed_at_random(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    r = redis_server.client()
+    expected, invalid = push_with_invalid(r, 8000)
+    rng = random.Random(11)
+    workers = [spawn_worker(redis_server.url, **FAST) for _ in range(3)]
+    deadline = time.monotonic() + 5
+    kills = 0
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.1, 0.4))
+        victim = workers.pop(rng.randrange(len(workers)))
+        victim.kill()
+        kills += 1
+        workers.append(spawn_worker(redis_server.url, **FAST))
+    wait_drained(r, 90)
+    assert kills >= 10
+    assert_exact(r, expected, invalid)

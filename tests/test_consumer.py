@@ -1,0 +1,278 @@
+"""The consumer loop, driven one turn at a time in this process against a real Redis."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from helpers import (
+    GROUP,
+    STREAM,
+    bookkeeping_keys,
+    dead_letters,
+    drained,
+    push,
+    push_random,
+    values,
+)
+
+from config import Settings
+from worker import counters, scripts
+from worker.connection import connect, ensure_group
+from worker.consumer import Consumer
+from worker.events import parse
+from worker.logs import configure
+
+MakeConsumer = Callable[..., Consumer]
+
+
+@pytest.fixture
+def make_consumer(redis_server: Any) -> MakeConsumer:
+    def make(**overrides: Any) -> Consumer:
+        options: dict[str, Any] = {
+            "redis_url": redis_server.url,
+            "consumer": "live",
+            "block_ms": 20,
+            "claim_idle_ms": 100,
+            "lock_ttl_ms": 1000,
+            "lock_wait_ms": 50,
+            "log_format": "json",
+            "log_level": "DEBUG",
+        }
+        options.update(overrides)
+        settings = Settings(**options)
+        out = io.StringIO()
+        consumer = Consumer(connect(settings), settings, configure(settings, out))
+        consumer.log_output = out  # type: ignore[attr-defined]
+        ensure_group(consumer.client, settings.stream, settings.group)
+        return consumer
+
+    return make
+
+
+def turn_until(consumer: Consumer, condition: Callable[[], bool], turns: int = 200) -> None:
+    for _ in range(turns):
+        consumer.step()
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def pending_ids(r: redis.Redis) -> list[bytes]:
+    return [p["message_id"] for p in r.xpending_range(STREAM, GROUP, "-", "+", 1000)]
+
+
+def log_of(consumer: Consumer) -> str:
+    return consumer.log_output.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_events_pushed_before_the_group_existed_are_counted(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    expected = push_random(r, 700, names=7)
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, set(expected)) == dict(expected)
+
+
+def test_second_replica_creating_the_group_tolerates_busygroup(r: redis.Redis) -> None:
+    assert ensure_group(r, STREAM, GROUP) is True
+    assert ensure_group(r, STREAM, GROUP) is False
+    assert [g["name"] for g in r.xinfo_groups(STREAM)] == [GROUP.encode()]
+
+
+def test_invalid_entries_are_dead_lettered_once_with_error_and_source_id(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    good = push(r, "ok", 2)
+    bad_amount = push(r, "ok", extra_field="kept", amount="1.5")
+    no_counter = r.xadd(STREAM, {"op": "incr"})
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"ok"}) == {"ok": 2}
+    dead = dead_letters(r)
+    assert [d[b"source_id"] for d in dead] == [bad_amount, no_counter]
+    assert dead[0][b"extra_field"] == b"kept" and dead[0][b"amount"] == b"1.5"
+    assert b"'amount' must be a whole number" in dead[0][b"error"]
+    assert b"missing required field 'counter'" in dead[1][b"error"]
+    assert good not in [d[b"source_id"] for d in dead]
+    assert pending_ids(r) == []
+
+
+def test_producer_retry_with_same_event_id_is_counted_once_within_and_across_batches(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "q", 5, event_id="order-1")
+    push(r, "q", 5, event_id="order-1")  # retry in the same batch
+    push(r, "q", 1, event_id="order-2")
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    push(r, "q", 5, event_id="order-1")  # retry in a later batch
+    push(r, "other", 5, event_id="order-1")  # event ids are scoped per counter
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"q", "other"}) == {"q": 6, "other": 5}
+    assert consumer.stats.duplicates == 2
+
+
+def test_failed_write_stays_pending_then_is_dead_lettered_with_the_redis_error(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.value_key("broken"), "abc")
+    bad = push(r, "broken", 3)
+    push(r, "fine", 1)
+    consumer = make_consumer(max_deliveries=3)
+    consumer.step()
+    assert values(r, {"fine"}) == {"fine": 1}  # the rest of the batch is not held back
+    assert pending_ids(r) == [bad]  # not acknowledged: the write failed
+    assert r.get(counters.value_key("broken")) == b"abc"
+    turn_until(consumer, lambda: drained(r))
+    (dead,) = dead_letters(r)
+    assert dead[b"source_id"] == bad
+    assert dead[b"counter"] == b"broken" and dead[b"amount"] == b"3"
+    assert b"not an integer" in dead[b"error"]
+    assert consumer.stats.write_failures == 3
+
+
+def test_overflowing_batch_applies_what_fits_and_holds_back_the_rest(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.value_key("big"), 2**63 - 10)
+    push(r, "big", 5)
+    too_much = push(r, "big", 100)
+    consumer = make_consumer(max_deliveries=1)
+    consumer.step()
+    assert values(r, {"big"}) == {"big": 2**63 - 5}
+    (dead,) = dead_letters(r)
+    assert dead[b"source_id"] == too_much
+    assert b"overflow" in dead[b"error"]
+    assert pending_ids(r) == []
+
+
+def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    expected = push_random(r, 300, names=5)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=1000)  # delivered, then the reader died
+    consumer = make_consumer(claim_idle_ms=100)
+    consumer.step()
+    assert values(r, set(expected)) != dict(expected)  # not idle long enough yet
+    time.sleep(0.15)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, set(expected)) == dict(expected)
+    assert consumer.stats.reclaimed == 300
+
+
+def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_group(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "d", 1)
+    gone = push(r, "d", 10)
+    push(r, "d", 100)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
+    r.xdel(STREAM, gone)
+    time.sleep(0.15)
+    consumer = make_consumer(claim_idle_ms=100)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"d"}) == {"d": 101}
+    assert gone.decode() in log_of(consumer)
+    assert "deleted from the stream" in log_of(consumer)
+
+
+def test_busy_counter_is_retried_later_without_holding_the_other_locks(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lock_key("hot"), "someone-else", px=10_000)
+    push(r, "cold", 1)
+    hot = push(r, "hot", 7)
+    consumer = make_consumer(lock_wait_ms=30)
+    consumer.step()
+    assert values(r, {"cold", "hot"}) == {"cold": 1, "hot": 0}
+    assert r.exists(counters.lock_key("cold")) == 0  # released before waiting on "hot"
+    assert pending_ids(r) == [hot]  # still ours, still pending: nothing lost
+    assert r.get(counters.lock_key("hot")) == b"someone-else"  # never stolen
+    r.delete(counters.lock_key("hot"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 7}
+    assert consumer.stats.lock_busy >= 1
+
+
+def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_again(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    entry = push(r, "once", 4)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "crashed", {STREAM: ">"}, count=10)
+    # The crashed replica took the lock and applied, then died before XACK.
+    r.set(counters.lock_key("once"), "t-crashed", px=50)
+    parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
+    call = counters.apply_call("once", "t-crashed", [parsed], 60_000)
+    (raw,) = scripts.run(r, [call])
+    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    time.sleep(0.15)  # lock expired, entry idle: a live replica claims it
+    consumer = make_consumer(claim_idle_ms=100)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"once"}) == {"once": 4}
+    assert consumer.stats.duplicates == 1
+    assert bookkeeping_keys(r) == []  # the marker was cleared after the XACK
+
+
+def test_own_pending_entries_are_finished_first_after_a_restart_with_the_same_name(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "mine", 2)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "w1", {STREAM: ">"}, count=10)
+    consumer = make_consumer(consumer="w1", claim_idle_ms=600_000)
+    consumer.step()  # no claim idle wait: it reads its own pending list first
+    assert values(r, {"mine"}) == {"mine": 2}
+    assert drained(r)
+
+
+def test_entry_delivered_more_than_max_deliveries_is_dead_lettered(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    poison = push(r, "p", 1)
+    ensure_group(r, STREAM, GROUP)
+    for n in range(3):  # three replicas took it and died
+        r.xreadgroup(GROUP, f"dead-{n}", {STREAM: "0" if n else ">"}, count=10)
+        if n:
+            r.xclaim(STREAM, GROUP, f"dead-{n}", 0, [poison])
+    time.sleep(0.15)
+    consumer = make_consumer(max_deliveries=3, claim_idle_ms=100)
+    turn_until(consumer, lambda: drained(r))
+    (dead,) = dead_letters(r)
+    assert dead[b"source_id"] == poison
+    assert b"more than MAX_DELIVERIES=3" in dead[b"error"]
+    assert values(r, {"p"}) == {"p": 0}
+
+
+def test_bookkeeping_returns_to_zero_after_the_group_drains(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    expected = push_random(r, 2000, names=50)
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, set(expected)) == dict(expected)
+    assert bookkeeping_keys(r) == []
+
+
+def test_event_id_markers_expire_after_the_dedupe_window(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "w", 1, event_id="k")
+    consumer = make_consumer(dedupe_window_ms=1000)
+    turn_until(consumer, lambda: drained(r))
+    key = counters.applied_key("w")
+    assert 0 < r.pttl(key) <= 1000
+    time.sleep(1.1)
+    assert r.exists(key) == 0  # nothing left behind
+    push(r, "w", 1, event_id="k")  # a retry after the window counts again (documented)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"w"}) == {"w": 2}
