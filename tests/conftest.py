@@ -190,11 +190,14 @@ class WorkerProcess:
             if text in self.log():
                 return
             if self.proc.poll() is not None and text not in self.log():
-                raise AssertionError(f"worker exited ({self.proc.returncode}) before {text!r}:\n"
-                                     + self.log()[-3000:])
+                raise AssertionError(
+                    f"worker exited ({self.proc.returncode}) before {text!r}:\n"
+                    + self.log()[-3000:]
+                )
             time.sleep(0.05)
-        raise AssertionError(f"no {text!r} in the worker log after {timeout}s:\n"
-                             + self.log()[-3000:])
+        raise AssertionError(
+            f"no {text!r} in the worker log after {timeout}s:\n" + self.log()[-3000:]
+        )
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
@@ -214,8 +217,9 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
     """Start worker processes; every one still running at the end is killed."""
     started: list[WorkerProcess] = []
 
-    def spawn(url: str, *flags: str, fault: dict[str, str] | None = None,
-              **settings: str | int) -> WorkerProcess:
+    def spawn(
+        url: str, *flags: str, fault: dict[str, str] | None = None, **settings: str | int
+    ) -> WorkerProcess:
         n = len(started)
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_COUNTER_")}
         env["STREAM_COUNTER_REDIS_URL"] = url

@@ -15,8 +15,14 @@ STREAM = "events"
 GROUP = "stream-counter"
 
 
-def push(r: redis.Redis, counter: str, delta: int = 1, event_id: str | None = None,
-         stream: str = STREAM, **extra: str) -> bytes:
+def push(
+    r: redis.Redis,
+    counter: str,
+    delta: int = 1,
+    event_id: str | None = None,
+    stream: str = STREAM,
+    **extra: str,
+) -> bytes:
     fields: dict[str, str | int] = {"counter": counter}
     if delta < 0:
         fields["op"] = "decr"
@@ -28,8 +34,14 @@ def push(r: redis.Redis, counter: str, delta: int = 1, event_id: str | None = No
     return bytes(r.xadd(stream, fields))  # type: ignore[arg-type]
 
 
-def push_random(r: redis.Redis, n: int, names: int = 10, seed: int = 1,
-                stream: str = STREAM, with_event_ids: bool = False) -> Counter[str]:
+def push_random(
+    r: redis.Redis,
+    n: int,
+    names: int = 10,
+    seed: int = 1,
+    stream: str = STREAM,
+    with_event_ids: bool = False,
+) -> Counter[str]:
     """Push ``n`` valid events over ``names`` counters in pipelined chunks; return the sums."""
     rng = random.Random(seed)
     expected: Counter[str] = Counter()

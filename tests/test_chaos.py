@@ -46,7 +46,9 @@ def push_with_invalid(r: redis.Redis, n: int, every: int = 50) -> tuple[Counter[
     return expected, invalid
 
 
-def assert_exact(r: redis.Redis, expected: Counter[str], invalid: set[bytes] = frozenset()) -> None:  # type: ignore[assignment]
+def assert_exact(
+    r: redis.Redis, expected: Counter[str], invalid: frozenset[bytes] | set[bytes] = frozenset()
+) -> None:
     assert values(r, set(expected)) == dict(expected)
     sources = [d[b"source_id"] for d in dead_letters(r)]
     assert sorted(sources) == sorted(invalid)  # each one, exactly once
@@ -110,8 +112,15 @@ def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_work
     r = aof_redis.client()
     expected = push_random(r, 6000, names=30)
     workers = [spawn_worker(aof_redis.url, **FAST) for _ in range(2)]
-    wait_until(lambda: r.xinfo_groups(STREAM) and r.xinfo_groups(STREAM)[0]["entries-read"]
-               and r.xinfo_groups(STREAM)[0]["entries-read"] > 1000, 30, "some progress")
+    wait_until(
+        lambda: (
+            r.xinfo_groups(STREAM)
+            and r.xinfo_groups(STREAM)[0]["entries-read"]
+            and r.xinfo_groups(STREAM)[0]["entries-read"] > 1000
+        ),
+        30,
+        "some progress",
+    )
     aof_redis.kill()  # SIGKILL: no chance to flush anything beyond what AOF already has
     time.sleep(0.5)
     aof_redis.start()

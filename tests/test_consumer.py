@@ -97,7 +97,8 @@ def test_invalid_entries_are_dead_lettered_once_with_error_and_source_id(
     assert values(r, {"ok"}) == {"ok": 2}
     dead = dead_letters(r)
     assert [d[b"source_id"] for d in dead] == [bad_amount, no_counter]
-    assert dead[0][b"extra_field"] == b"kept" and dead[0][b"amount"] == b"1.5"
+    assert dead[0][b"extra_field"] == b"kept"
+    assert dead[0][b"amount"] == b"1.5"
     assert b"'amount' must be a whole number" in dead[0][b"error"]
     assert b"missing required field 'counter'" in dead[1][b"error"]
     assert good not in [d[b"source_id"] for d in dead]
@@ -133,7 +134,8 @@ def test_failed_write_stays_pending_then_is_dead_lettered_with_the_redis_error(
     turn_until(consumer, lambda: drained(r))
     (dead,) = dead_letters(r)
     assert dead[b"source_id"] == bad
-    assert dead[b"counter"] == b"broken" and dead[b"amount"] == b"3"
+    assert dead[b"counter"] == b"broken"
+    assert dead[b"amount"] == b"3"
     assert b"not an integer" in dead[b"error"]
     assert consumer.stats.write_failures == 3
 
