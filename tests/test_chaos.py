@@ -19,6 +19,7 @@ from helpers import (
     STREAM,
     bookkeeping_keys,
     dead_letters,
+    drained,
     push_random,
     values,
     wait_drained,
@@ -128,7 +129,7 @@ def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_work
     wait_drained(r, 90)
     assert_exact(r, expected)
     for worker in workers:
-        assert "redis unreachable" in worker.log()
+        assert "redis unavailable" in worker.log()
         worker.signal(signal.SIGTERM)
         assert worker.wait(10) == 0
 
@@ -169,3 +170,43 @@ def test_exactly_once_while_replicas_are_killed_at_random(
     wait_drained(r, 90)
     assert kills >= 10
     assert_exact(r, expected, invalid)
+
+
+def test_valid_events_are_kept_not_dead_lettered_while_redis_refuses_writes_for_oom(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    r = redis_server.client()
+    expected = push_random(r, 20_000, names=10)
+    worker = spawn_worker(redis_server.url, max_deliveries=2, **FAST)
+    worker.wait_for_log('"batch"')  # mid-stream
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)  # every write that may grow memory is refused: OOM
+    try:
+        worker.wait_for_log("maxmemory")
+        time.sleep(1.0)  # several refused attempts, more than MAX_DELIVERIES
+    finally:
+        r.config_set("maxmemory", 0)
+    wait_drained(r, 60)
+    assert_exact(r, expected)  # nothing dead-lettered, nothing lost
+    assert worker.log().count("redis unavailable; retrying") >= 3
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+
+
+def test_connection_cuts_neither_lose_nor_dead_letter_valid_events(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    r = redis_server.client()
+    expected = push_random(r, 20_000, names=20)
+    workers = [spawn_worker(redis_server.url, max_deliveries=2, **FAST) for _ in range(2)]
+    cuts = 0
+    while not drained(r) and cuts < 40:
+        time.sleep(0.1)
+        cuts += int(r.client_kill_filter(_type="normal", skipme=True))
+    wait_drained(r, 60)
+    assert cuts >= 5
+    assert_exact(r, expected)
+    for worker in workers:
+        assert "redis unavailable; retrying" in worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(10) == 0

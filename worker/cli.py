@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from config import ENV_PREFIX, Settings
 from worker import __version__, counters, events, scripts
 from worker.backoff import reconnect_delay
-from worker.connection import check_server, connect, ensure_group
+from worker.connection import check_server, connect, ensure_group, is_transient
 from worker.consumer import Consumer, sleep_unless
 from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
 from worker.logs import configure, scrub
@@ -97,7 +97,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
             source = _flag(field) if field in overrides else f"{ENV_PREFIX}{field.upper()}"
-            shown = "" if field == "redis_url" else f" (got {error.get('input')!r})"
+            shown = "" if field == "redis_url" else f" (got {scrub(repr(error.get('input')))})"
             print(
                 f"stream-counter: invalid configuration: {source}: {error['msg']}{shown}",
                 file=sys.stderr,
@@ -138,12 +138,15 @@ def run(settings: Settings) -> int:
                 ensure_group(client, settings.stream, settings.group)
                 log.info("connected", redis_version=version)
                 break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
+                if not is_transient(exc):
+                    raise
                 attempt += 1
                 delay = reconnect_delay(attempt)
                 log.warning(
-                    "redis unreachable; retrying",
+                    "redis unavailable; retrying",
                     error=str(exc),
+                    error_type=type(exc).__name__,
                     attempt=attempt,
                     retry_in_s=round(delay, 3),
                 )
@@ -166,7 +169,7 @@ def get(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
     client = connect(settings)
     try:
         values = counters.read_values(client, list(dict.fromkeys(names)))
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
     except (redis.ResponseError, ValueError) as exc:
         print(f"stream-counter: cannot read counters: {exc}", file=sys.stderr)
@@ -200,7 +203,7 @@ def produce(
     client = connect(settings)
     try:
         entry_id = scripts.command(client, "XADD", settings.stream, "*", *flat)
-    except redis.ConnectionError as exc:
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
     finally:
         client.close()

@@ -24,6 +24,44 @@ def _raw(response: Any, **options: Any) -> Any:
     return response
 
 
+# Errors after which the same command can succeed later: Redis is loading, failing over,
+# out of memory, unable to persist, or busy with a script. The worker backs off and retries.
+_TRANSIENT = (
+    "BUSY",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "NOREPLICAS",
+    "OOM",
+    "MISCONF",
+)
+
+
+_TRANSIENT_CLASSES = (
+    redis.ConnectionError,  # includes BusyLoadingError (LOADING)
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+
+
+def is_transient(error: Exception | str) -> bool:
+    """A connection problem, or a Redis error that goes away by itself.
+
+    ``error`` may be an exception, or the text of an error a script caught with pcall.
+    """
+    if isinstance(error, _TRANSIENT_CLASSES):
+        return True
+    if isinstance(error, Exception) and not isinstance(error, ResponseError):
+        return False
+    return str(error).startswith(_TRANSIENT)
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client with bytes replies, RESP2, no silent retries and bounded socket waits.
 

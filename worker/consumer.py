@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import counters, deadletter, events, scripts, stream
 from worker.backoff import Backoff, reconnect_delay
-from worker.connection import ensure_group
+from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import InvalidEvent
 from worker.events import Event
@@ -51,6 +51,8 @@ Held = tuple[Event, int]
 class Stats:
     applied: int = 0
     duplicates: int = 0
+    refused: str = ""
+    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
     dead_lettered: int = 0
     write_failures: int = 0
     lock_lost: int = 0
@@ -67,6 +69,8 @@ class BatchOutcome:
     failed: list[tuple[Held, str]] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    refused: str = ""
+    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
 
 
 class Consumer:
@@ -88,6 +92,7 @@ class Consumer:
         self.stats = Stats()
         self._deferred: list[Held] = []
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
+        self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
 
     # -- the loop ------------------------------------------------------------------------
@@ -102,8 +107,11 @@ class Consumer:
                     self.log.info("redis reachable again", after_failures=self._connection_failures)
                     self._connection_failures = 0
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                self._on_connection_error(exc)
+                self._on_unavailable(exc)
             except ResponseError as exc:
+                if is_transient(exc):
+                    self._on_unavailable(exc)
+                    continue
                 if not str(exc).startswith("NOGROUP"):
                     raise
                 self.log.warning("consumer group missing; creating it again", error=str(exc))
@@ -117,7 +125,9 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         room = self.s.batch_size - len(self._deferred)
-        if self.reclaimer.due() and room > 0:
+        # Our own pending list first (after a start or an error): XAUTOCLAIM would count
+        # our own entries as redelivered.
+        if self._backlog is None and self.reclaimer.due() and room > 0:
             result = self.reclaimer.claim(room)
             if result.deleted:
                 self.log.warning(
@@ -136,9 +146,12 @@ class Consumer:
     def _read(self, room: int) -> list[Delivery]:
         s = self.s
         if self._backlog is not None:
-            batch = stream.read_own_pending(
-                self.client, s.stream, s.group, s.consumer, self._backlog, room
+            read = (
+                stream.read_own_pending
+                if self._backlog_is_redelivery
+                else stream.refetch_own_pending
             )
+            batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, room)
             if batch:
                 self._backlog = batch[-1].entry_id
                 return batch
@@ -212,6 +225,8 @@ class Consumer:
         self._deferred.extend(outcome.lost)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
+        if outcome.refused:
+            raise ResponseError(outcome.refused)
         return outcome
 
     def _lock_and_apply(
@@ -293,6 +308,11 @@ class Consumer:
                     rest = [h for i, h in enumerate(items) if i not in skipped]
                     if rest:
                         next_rounds.append((name, rest))
+                elif is_transient(result.error):
+                    # Redis refuses writes for now (OOM, ...): not the entries' fault. Keep
+                    # them, finish this batch's acks and releases, then back off.
+                    outcome.lost += items
+                    outcome.refused = result.error
                 elif len(items) == 1:
                     outcome.failed.append((items[0], result.error))
                 else:  # the sum failed: try each entry on its own
@@ -370,15 +390,17 @@ class Consumer:
         own pending list again from the start."""
         self._deferred = []
         self._backlog = b"0-0"
+        self._backlog_is_redelivery = False
         self.reclaimer.restart()
 
-    def _on_connection_error(self, exc: Exception) -> None:
+    def _on_unavailable(self, exc: Exception) -> None:
         self._connection_failures += 1
         self._reset_after_error()
         delay = reconnect_delay(self._connection_failures)
         self.log.warning(
-            "redis unreachable; retrying",
+            "redis unavailable; retrying",
             error=str(exc),
+            error_type=type(exc).__name__,
             attempt=self._connection_failures,
             retry_in_s=round(delay, 3),
         )

@@ -104,8 +104,17 @@ def finish_call(name: str, token: str, acked_entries: Iterable[bytes]) -> Call:
 
 
 def read_values(client: redis.Redis, names: Sequence[str]) -> dict[str, int]:
-    """Current values; a counter never written reads as 0."""
-    if not names:
-        return {}
-    raw = client.mget([value_key(n) for n in names])
-    return {n: int(v) if v is not None else 0 for n, v in zip(names, raw, strict=True)}
+    """Current values, in one round trip; a counter never written reads as 0.
+
+    Raises ValueError naming the counter if its key holds something else than an integer.
+    """
+    results = scripts.run(client, [Call.command("GET", value_key(n)) for n in names])
+    values: dict[str, int] = {}
+    for name, raw in zip(names, results, strict=True):
+        try:
+            if isinstance(raw, Exception):
+                raise ValueError(str(raw))
+            values[name] = 0 if raw is None else int(raw)
+        except ValueError as exc:
+            raise ValueError(f"counter {name!r} does not hold an integer ({exc})") from None
+    return values

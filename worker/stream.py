@@ -41,7 +41,12 @@ def read_new(
 def read_own_pending(
     client: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int
 ) -> list[Delivery]:
-    """This consumer's pending entries with id > ``after`` (history read, no BLOCK)."""
+    """This consumer's pending entries with id > ``after``, counted as a new delivery.
+
+    For a process that starts with a name that has pending entries: its predecessor
+    died with them in hand, so this is a redelivery (a poison entry that kills every
+    replica still reaches MAX_DELIVERIES).
+    """
     reply = scripts.command(
         client, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS", stream, after
     )
@@ -50,6 +55,29 @@ def read_own_pending(
     entries = parse_entries(reply[0][1])
     counts = delivery_counts(client, stream, group, [i for i, _ in entries])
     return [Delivery(i, f, counts.get(i, 1)) for i, f in entries]
+
+
+def refetch_own_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, after: bytes, count: int
+) -> list[Delivery]:
+    """This consumer's pending entries with id > ``after``, *without* a new delivery.
+
+    After a lost connection the process is alive and the entries were never refused: reading
+    them again must not push them towards MAX_DELIVERIES (a flapping network would otherwise
+    dead-letter valid events). XPENDING gives ids and counts, XRANGE the fields.
+    """
+    start = b"-" if after == b"0-0" else b"(" + after
+    pending = scripts.command(client, "XPENDING", stream, group, start, "+", count, consumer)
+    ids = [bytes(p[0]) for p in pending]
+    counts = {bytes(p[0]): int(p[3]) for p in pending}
+    found = scripts.run(client, [Call.command("XRANGE", stream, i, i) for i in ids])
+    batch = []
+    for entry_id, reply in zip(ids, found, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        fields = list(reply[0][1]) if reply else None
+        batch.append(Delivery(entry_id, fields, counts[entry_id]))
+    return batch
 
 
 def delivery_counts(

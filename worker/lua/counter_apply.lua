@@ -8,7 +8,8 @@
 --
 -- Returns one of
 --   {0}                 the caller does not hold the lock: nothing written (fencing)
---   {1, value}          applied: INCRBY done, markers added
+--   {1, value}          applied: INCRBY done, markers added; value as a string (exact:
+--                       a Lua number would round it above 2^53)
 --   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
 --                       the caller drops them and calls again with the rest and their sum
 --   {3, error}          INCRBY failed (non-integer value, overflow): nothing written
@@ -57,4 +58,4 @@ for j = 1, #members do
 end
 redis.call('ZADD', KEYS[3], unpack(zargs))
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return {1, value}
+return {1, redis.call('GET', KEYS[1])}

@@ -1,0 +1,281 @@
+"""The Lua scripts on a real Redis: fenced exactly-once apply, finish, reload, dead-letter."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from helpers import bookkeeping_keys
+
+from worker import counters, deadletter, scripts
+from worker.counters import ApplyResult, Outcome, applied_key, lock_key, value_key
+from worker.deadletter import Rejected
+from worker.events import Event
+from worker.lock import Locks
+from worker.scripts import Call
+
+NAME = "hits"
+V, LOCK, APPLIED = value_key(NAME), lock_key(NAME), applied_key(NAME)
+TTL_MS = 60_000
+I64 = 2**63 - 1
+
+
+def ev(n: int, delta: int = 1, event_id: str | None = None) -> Event:
+    return Event(f"{n}-0".encode(), NAME, delta, None if event_id is None else event_id.encode())
+
+
+def take_lock(r: redis.Redis) -> str:
+    return Locks(r, 10_000).try_acquire([LOCK])[LOCK]
+
+
+def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS) -> ApplyResult:
+    (raw,) = scripts.run(r, [counters.apply_call(NAME, token, events, ttl_ms)])
+    return counters.parse_apply(raw)
+
+
+def finish(r: redis.Redis, token: str, events: list[Event]) -> int:
+    (raw,) = scripts.run(r, [counters.finish_call(NAME, token, [e.entry_id for e in events])])
+    return int(raw)
+
+
+def markers(r: redis.Redis) -> dict[bytes, float]:
+    return dict(r.zrange(APPLIED, 0, -1, withscores=True))
+
+
+def state(r: redis.Redis) -> tuple[object, ...]:
+    """Everything the apply script may write."""
+    return r.type(V), r.dump(V), markers(r)
+
+
+@pytest.fixture
+def earlier(r: redis.Redis) -> None:
+    """A counter that already has a value (5) and markers from an earlier apply."""
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 5, "first")]).outcome is Outcome.APPLIED
+    r.delete(LOCK)
+
+
+@pytest.mark.usefixtures("earlier")
+@pytest.mark.parametrize("holder", [None, "someone-else"])
+def test_apply_without_holding_the_lock_is_refused_and_writes_nothing(
+    r: redis.Redis, holder: str | None
+) -> None:
+    if holder is not None:
+        r.set(LOCK, holder)
+    before = state(r)
+    result = apply(r, "my-stale-token", [ev(2, 7), ev(3, 1, "new")])
+    assert result.outcome is Outcome.LOCK_LOST
+    assert state(r) == before
+    assert r.get(V) == b"5"
+
+
+def test_apply_with_a_token_whose_lock_expired_and_was_retaken_is_refused(r: redis.Redis) -> None:
+    stale = Locks(r, 50).try_acquire([LOCK])[LOCK]
+    time.sleep(0.12)
+    fresh = take_lock(r)
+    assert apply(r, stale, [ev(1, 3)]).outcome is Outcome.LOCK_LOST
+    assert r.exists(V, APPLIED) == 0
+    assert r.get(LOCK) == fresh.encode()
+
+
+def test_apply_with_the_lock_adds_the_exact_sum_and_markers_with_a_ttl(r: redis.Redis) -> None:
+    token = take_lock(r)
+    before_ms = r.time()[0] * 1000
+    result = apply(r, token, [ev(1, 4), ev(2, -1, "ev-a"), ev(3, 10)])
+    assert result.outcome is Outcome.APPLIED
+    assert result.value == 13
+    assert r.get(V) == b"13"
+    got = markers(r)
+    assert set(got) == {b"x:1-0", b"x:2-0", b"k:ev-a", b"x:3-0"}
+    for score in got.values():  # expiry time in ms, about now + TTL
+        assert before_ms + TTL_MS - 1_000 <= score <= before_ms + TTL_MS + 2_000
+    assert 0 < r.pttl(APPLIED) <= TTL_MS
+    assert r.get(LOCK) == token.encode()  # apply does not release the lock
+
+
+EXACT = [  # start value, deltas of one apply, expected value
+    (None, [I64, -(I64 - 1)], 1), (None, [2**53 + 1], 2**53 + 1), (I64 - 1, [1], I64),
+    (-I64, [-1], -(2**63)), (2**53, [1, 1, 1], 2**53 + 3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("start", "deltas", "expected"), EXACT)
+def test_apply_is_exact_beyond_double_precision(
+    r: redis.Redis, start: int | None, deltas: list[int], expected: int
+) -> None:
+    if start is not None:
+        r.set(V, start)
+    token = take_lock(r)
+    result = apply(r, token, [ev(i + 1, d) for i, d in enumerate(deltas)])
+    assert result.outcome is Outcome.APPLIED
+    assert r.get(V) == str(expected).encode()
+
+
+def test_apply_result_value_is_exact_beyond_double_precision(r: redis.Redis) -> None:
+    result = apply(r, take_lock(r), [ev(1, 2**53 + 1)])
+    assert r.get(V) == str(2**53 + 1).encode()
+    assert result.value == 2**53 + 1
+
+
+def test_reapplying_the_same_entries_is_already_applied_and_writes_nothing(r: redis.Redis) -> None:
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 2), ev(2, 3, "k2"), ev(3, 4)]).outcome is Outcome.APPLIED
+    before = state(r)
+    again = apply(r, token, [ev(1, 2), ev(2, 3, "k2"), ev(3, 4)])
+    assert again.outcome is Outcome.ALREADY_APPLIED
+    assert again.skipped == (0, 1, 2)  # each once, though ev 2 has two markers
+    mixed = apply(r, token, [ev(9, 100), ev(3, 4), ev(8, 100), ev(1, 2)])
+    assert mixed.outcome is Outcome.ALREADY_APPLIED
+    assert mixed.skipped == (1, 3)
+    assert state(r) == before
+    assert r.get(V) == b"9"
+
+
+def test_event_id_retry_under_a_new_entry_id_is_already_applied(r: redis.Redis) -> None:
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 5, "order-17")]).outcome is Outcome.APPLIED
+    assert finish(r, token, [ev(1)]) == 1  # entry marker cleared, event_id marker stays
+    token = take_lock(r)
+    before = state(r)
+    result = apply(r, token, [ev(2, 1), ev(3, 5, "order-17"), ev(4, 1, "order-18")])
+    assert result.outcome is Outcome.ALREADY_APPLIED
+    assert result.skipped == (1,)
+    assert state(r) == before
+    assert r.get(V) == b"5"
+
+
+@pytest.mark.usefixtures("earlier")
+@pytest.mark.parametrize(
+    ("setup", "deltas", "error"),
+    [
+        (lambda r: r.set(V, "abc"), [1], "ERR value is not an integer or out of range"),
+        (lambda r: r.set(V, I64), [1], "ERR increment or decrement would overflow"),
+        (lambda r: r.set(V, -(2**63)), [-1], "ERR increment or decrement would overflow"),
+        (lambda r: None, [I64, 1], "ERR value is not an integer or out of range"),
+        (lambda r: (r.delete(V), r.rpush(V, "x")), [1], "WRONGTYPE Operation against a key"),
+    ],
+    ids=["not-an-integer", "overflow-up", "overflow-down", "sum-beyond-int64", "wrongtype"],
+)
+def test_failed_write_returns_failed_with_redis_error_and_writes_no_marker(
+    r: redis.Redis, setup: Callable[[redis.Redis], object], deltas: list[int], error: str
+) -> None:
+    setup(r)
+    before = state(r)
+    events = [ev(10 + i, d, f"id-{i}") for i, d in enumerate(deltas)]
+    result = apply(r, take_lock(r), events)
+    assert result.outcome is Outcome.FAILED
+    assert result.error.startswith(error)
+    assert state(r) == before
+    assert set(markers(r)) == {b"x:1-0", b"k:first"}  # only the earlier apply's markers
+
+
+@pytest.mark.parametrize(
+    ("holder", "code", "left"),
+    [
+        ("me", 1, {b"k:k1", b"x:3-0"}),
+        (None, 2, {b"k:k1", b"x:3-0"}),
+        ("other-holder", 0, {b"x:1-0", b"k:k1", b"x:2-0", b"x:3-0"}),
+    ],
+    ids=["owner-releases", "lock-gone-still-clears", "other-holder-clears-nothing"],
+)
+def test_finish_clears_only_listed_entry_markers_and_never_touches_another_holders_lock(
+    r: redis.Redis, holder: str | None, code: int, left: set[bytes]
+) -> None:
+    token = take_lock(r)
+    apply(r, token, [ev(1, 1, "k1"), ev(2), ev(3)])
+    if holder is None:
+        r.delete(LOCK)  # expired
+    elif holder != "me":
+        r.set(LOCK, holder)
+    assert finish(r, token, [ev(1), ev(2)]) == code
+    assert set(markers(r)) == left  # event_id markers and unlisted entries stay
+    assert r.get(LOCK) == (b"other-holder" if code == 0 else None)
+    assert r.get(V) == b"3"
+
+
+def test_expired_markers_are_pruned_and_the_entry_counts_again(r: redis.Redis) -> None:
+    token = take_lock(r)
+    assert apply(r, token, [ev(1)], ttl_ms=300).outcome is Outcome.APPLIED
+    assert 0 < r.pttl(APPLIED) <= 300
+    assert apply(r, token, [ev(2)]).outcome is Outcome.APPLIED  # key now lives TTL_MS
+    time.sleep(0.45)
+    assert b"x:1-0" in markers(r)  # expired by score, not yet removed
+    assert apply(r, token, [ev(3)]).outcome is Outcome.APPLIED
+    assert set(markers(r)) == {b"x:2-0", b"x:3-0"}  # pruned by the apply
+    assert apply(r, token, [ev(1)]).outcome is Outcome.APPLIED  # its window is over
+    assert r.get(V) == b"4"
+    assert 0 < r.pttl(APPLIED) <= TTL_MS
+
+
+def test_apply_then_finish_without_event_ids_leaves_no_bookkeeping(r: redis.Redis) -> None:
+    events = [ev(i, i) for i in range(1, 21)]
+    token = take_lock(r)
+    assert apply(r, token, events).outcome is Outcome.APPLIED
+    assert finish(r, token, events) == 1
+    assert bookkeeping_keys(r) == []
+    assert r.keys("*") == [V.encode()]
+    assert r.get(V) == b"210"
+
+
+def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis) -> None:
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 2)]).outcome is Outcome.APPLIED
+    r.script_flush()
+    assert r.script_exists(counters.APPLY.sha) == [False]
+    calls = [
+        Call.command("INCR", "side"),
+        counters.apply_call(NAME, token, [ev(2, 3)], TTL_MS),
+        Call.command("INCR", "side"),
+        counters.apply_call(NAME, token, [ev(3, 4)], TTL_MS),
+        counters.finish_call(NAME, token, [b"1-0", b"2-0", b"3-0"]),
+    ]
+    results = scripts.run(r, calls)
+    assert [results[0], results[2], results[4]] == [1, 2, 1]  # finish ran after the applies
+    assert [counters.parse_apply(results[i]).value for i in (1, 3)] == [5, 9]
+    assert r.get("side") == b"2"  # each INCR ran exactly once
+    assert r.get(V) == b"9"  # each apply ran exactly once
+    assert r.exists(LOCK, APPLIED) == 0
+    assert r.script_exists(counters.APPLY.sha, counters.FINISH.sha) == [True, True]
+
+
+# -- dead-letter move ---------------------------------------------------------------------
+
+STREAM, DEAD, GROUP = "events", "events:dead", "g"
+
+
+def deliver(r: redis.Redis, consumer: str, **fields: str) -> tuple[bytes, list[bytes]]:
+    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: already created
+        r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    entry_id = r.xadd(STREAM, fields)  # type: ignore[arg-type]
+    got = r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=1)
+    assert got[0][1][0][0] == entry_id
+    flat = [x for k, v in fields.items() for x in (k.encode(), v.encode())]
+    return entry_id, flat
+
+
+def test_dead_letter_move_keeps_fields_adds_reason_and_acks_exactly_once(r: redis.Redis) -> None:
+    entry_id, flat = deliver(r, "c1", counter="x", amount="1.5", note="hi")
+    item = Rejected(entry_id, flat, "field 'amount' must be a whole number, got '1.5'")
+    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", [item]) == [entry_id]
+    [(_, fields)] = r.xrange(DEAD)
+    original = [(b"counter", b"x"), (b"amount", b"1.5"), (b"note", b"hi")]
+    added = [(b"error", item.reason.encode()), (b"source_id", entry_id)]
+    assert list(fields.items()) == original + added
+    assert r.xpending(STREAM, GROUP)["pending"] == 0
+    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", [item]) == []
+    assert r.xlen(DEAD) == 1
+
+
+def test_dead_letter_move_leaves_an_entry_pending_for_another_consumer(r: redis.Redis) -> None:
+    theirs, their_flat = deliver(r, "c2", counter="")
+    mine, my_flat = deliver(r, "c1", op="INCR", counter="a", amount="2")
+    rejected = [Rejected(theirs, their_flat, "empty"), Rejected(mine, my_flat, "bad op")]
+    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", rejected) == [mine]
+    [(_, fields)] = r.xrange(DEAD)
+    pairs = [*zip(my_flat[::2], my_flat[1::2], strict=True), (b"error", b"bad op")]
+    assert list(fields.items()) == [*pairs, (b"source_id", mine)]
+    pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(theirs, b"c2")]

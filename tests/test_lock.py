@@ -1,0 +1,206 @@
+"""The token lock (worker.lock) against a real Redis, and the backoff (worker.backoff)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import redis
+
+from worker.backoff import Backoff, full_jitter, reconnect_delay
+from worker.lock import Locks, Tokens
+
+TTL_MS = 10_000
+
+
+class CountingConnection(redis.Connection):
+    """A real connection that counts the packets (round trips) it sends."""
+
+    sends = 0
+
+    def send_packed_command(self, command: object, check_health: bool = True) -> None:
+        type(self).sends += 1
+        super().send_packed_command(command, check_health)
+
+
+def counting_client(r: redis.Redis) -> redis.Redis:
+    kwargs = {**r.connection_pool.connection_kwargs, "connection_class": CountingConnection}
+    client = redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+    client.ping()  # connect (handshake) before counting
+    CountingConnection.sends = 0
+    return client
+
+
+def test_try_acquire_takes_free_keys_in_one_round_trip_and_skips_held_ones(r: redis.Redis) -> None:
+    client = counting_client(r)
+    locks = Locks(client, TTL_MS)
+    r.set("held-1", "someone")
+    r.set("held-2", "someone-else")
+    keys = [f"free-{i}" for i in range(50)] + ["held-1", "held-2"]
+    r.config_resetstat()
+    got = locks.try_acquire(keys)
+    assert CountingConnection.sends == 1
+    assert r.info("commandstats")["cmdstat_set"]["calls"] == 52
+    assert set(got) == {f"free-{i}" for i in range(50)}
+    for key, token in got.items():
+        assert r.get(key) == token.encode()
+        assert 0 < r.pttl(key) <= TTL_MS
+    assert r.get("held-1") == b"someone"
+    assert r.get("held-2") == b"someone-else"
+
+
+def test_try_acquire_of_a_held_lock_does_not_overwrite_it_or_its_ttl(r: redis.Redis) -> None:
+    first, second = Locks(r, TTL_MS), Locks(r, 60_000)
+    token = first.try_acquire(["k"])["k"]
+    assert second.try_acquire(["k"]) == {}
+    assert r.get("k") == token.encode()
+    assert r.pttl("k") <= TTL_MS
+
+
+def test_tokens_are_unique_across_many_acquisitions_and_lock_instances(r: redis.Redis) -> None:
+    seen: list[str] = []
+    for _ in range(3):
+        locks = Locks(r, TTL_MS)
+        for round_ in range(20):
+            got = locks.try_acquire([f"k{round_}-{i}" for i in range(10)])
+            seen += got.values()
+        r.flushall()
+    assert len(seen) == 600
+    assert len(set(seen)) == 600
+    tokens = Tokens()
+    assert len({tokens.next() for _ in range(10_000)}) == 10_000
+
+
+def test_release_by_the_owner_deletes_the_lock(r: redis.Redis) -> None:
+    locks = Locks(r, TTL_MS)
+    token = locks.try_acquire(["k"])["k"]
+    assert locks.release("k", token) is True
+    assert r.exists("k") == 0
+    assert locks.release("k", token) is False
+
+
+def test_release_with_a_wrong_token_is_refused_and_leaves_the_holder_intact(
+    r: redis.Redis,
+) -> None:
+    locks = Locks(r, TTL_MS)
+    token = locks.try_acquire(["k"])["k"]
+    assert locks.release("k", "not-the-token") is False
+    assert locks.release("k", token + "0") is False
+    assert r.get("k") == token.encode()
+    assert r.pttl("k") > 0
+
+
+def test_release_with_a_stale_token_after_reacquire_is_refused(r: redis.Redis) -> None:
+    a, b = Locks(r, 50), Locks(r, TTL_MS)
+    stale = a.try_acquire(["k"])["k"]
+    time.sleep(0.12)  # a's lock expired
+    fresh = b.try_acquire(["k"])["k"]
+    assert fresh != stale
+    assert a.release("k", stale) is False
+    assert r.get("k") == fresh.encode()
+
+
+def test_extend_by_the_owner_resets_the_ttl(r: redis.Redis) -> None:
+    locks = Locks(r, 1_000)
+    token = locks.try_acquire(["k"])["k"]
+    assert r.pttl("k") <= 1_000
+    assert locks.extend("k", token, 60_000) is True
+    assert 50_000 < r.pttl("k") <= 60_000
+    assert locks.extend("k", token) is True  # default: the Locks' own TTL
+    assert 0 < r.pttl("k") <= 1_000
+    assert r.get("k") == token.encode()
+
+
+def test_extend_with_a_wrong_token_is_refused_and_keeps_the_ttl(r: redis.Redis) -> None:
+    locks = Locks(r, 1_000)
+    token = locks.try_acquire(["k"])["k"]
+    assert locks.extend("k", "intruder", 60_000) is False
+    assert r.pttl("k") <= 1_000
+    assert r.get("k") == token.encode()
+
+
+def test_extend_after_the_lock_expired_is_refused_and_does_not_recreate_it(
+    r: redis.Redis,
+) -> None:
+    locks = Locks(r, 50)
+    token = locks.try_acquire(["k"])["k"]
+    time.sleep(0.15)
+    assert r.exists("k") == 0
+    assert locks.extend("k", token, 60_000) is False
+    assert r.exists("k") == 0
+
+
+def test_extend_many_reports_only_the_locks_still_held(r: redis.Redis) -> None:
+    locks = Locks(r, 5_000)
+    held = locks.try_acquire(["a", "b", "c", "d"])
+    assert set(held) == {"a", "b", "c", "d"}
+    r.delete("b")  # expired
+    r.set("c", "other-holder")  # expired and retaken by someone else
+    still = locks.extend_many(held)
+    assert still == {"a", "d"}
+    assert r.get("c") == b"other-holder"
+    assert r.pttl("c") == -1  # the other holder's lock was not touched
+    assert r.exists("b") == 0
+    assert locks.extend_many({}) == set()
+
+
+# -- backoff ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_full_jitter_stays_within_zero_and_the_capped_exponential(seed: int) -> None:
+    rng = random.Random(seed)
+    for attempt in range(80):
+        ceiling = min(0.1, 0.001 * 2 ** min(attempt, 62))
+        for _ in range(20):
+            assert 0 <= full_jitter(attempt, 0.001, 0.1, rng) <= ceiling
+
+
+def test_backoff_delays_are_bounded_by_a_growing_capped_ceiling_and_jittered() -> None:
+    backoff = Backoff(wait_ms=3_600_000, base_ms=1, cap_ms=100, rng=random.Random(7))
+    delays = [d for _, d in zip(range(200), backoff.delays(), strict=False)]
+    assert len(delays) == 200
+    for k, d in enumerate(delays):
+        assert 0 <= d <= min(0.1, 0.001 * 2**k)
+    assert len(set(delays)) > 150  # jittered, not a fixed interval
+    # the ceiling grows: late delays are on average far larger than the first ones
+    assert sum(delays[:3]) / 3 < 0.004
+    assert sum(delays[-100:]) / 100 > 0.02
+
+
+def test_backoff_is_jittered_between_two_waiters_with_different_seeds() -> None:
+    a = list(zip(range(30), Backoff(60_000, rng=random.Random(1)).delays(), strict=False))
+    b = list(zip(range(30), Backoff(60_000, rng=random.Random(2)).delays(), strict=False))
+    assert a != b
+
+
+def test_backoff_stops_once_the_wait_budget_is_spent() -> None:
+    start = time.monotonic()
+    slept = 0.0
+    for n, delay in enumerate(Backoff(wait_ms=150, base_ms=5, cap_ms=40).delays()):
+        time.sleep(delay)
+        slept += delay
+        assert n < 1_000, "backoff never ended"
+    elapsed = time.monotonic() - start
+    assert slept <= 0.150 + 1e-9  # no delay reaches past the budget
+    assert elapsed < 1.0
+
+
+def test_backoff_with_zero_budget_yields_nothing() -> None:
+    assert list(Backoff(wait_ms=0).delays()) == []
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 5, 10, 50, 1_000, 10**6])
+def test_reconnect_delay_is_positive_and_capped_at_five_seconds(attempt: int) -> None:
+    rng = random.Random(attempt)
+    for _ in range(50):
+        assert 0.01 <= reconnect_delay(attempt, rng) <= 5.0
+
+
+def test_reconnect_delay_starts_small_and_grows() -> None:
+    rng = random.Random(3)
+    first = [reconnect_delay(1, rng) for _ in range(200)]
+    late = [reconnect_delay(20, rng) for _ in range(200)]
+    assert max(first) <= 0.05
+    assert sum(late) / len(late) > 1.5
