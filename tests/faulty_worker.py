@@ -15,13 +15,13 @@ import signal
 import sys
 from typing import Any
 
-from worker import cli, consumer
+from worker import batch, cli, consumer
 
-STEPS = {
-    "lock_and_apply": "_lock_and_apply",
-    "apply": "_apply",
-    "ack_and_release": "_ack_and_release",
-    "dead_letter": "_dead_letter",
+STEPS: dict[str, tuple[type, str]] = {
+    "lock_and_apply": (batch.BatchApplier, "_lock_and_apply"),
+    "apply": (batch.BatchApplier, "_apply"),
+    "ack_and_release": (batch.BatchApplier, "_ack_and_release"),
+    "dead_letter": (consumer.Consumer, "_dead_letter"),
 }
 
 
@@ -30,8 +30,8 @@ def inject() -> None:
     when = os.environ.get("FAULT_WHEN", "before")
     nth = int(os.environ.get("FAULT_NTH", "1"))
     sig = signal.SIGKILL if os.environ.get("FAULT_ACTION", "kill") == "kill" else signal.SIGSTOP
-    name = STEPS[step]
-    original = getattr(consumer.Consumer, name)
+    owner, name = STEPS[step]
+    original = getattr(owner, name)
     calls = 0
 
     def fault() -> None:
@@ -39,7 +39,7 @@ def inject() -> None:
         sys.stdout.flush()
         os.kill(os.getpid(), sig)
 
-    def patched(self: consumer.Consumer, *args: Any) -> Any:
+    def patched(self: Any, *args: Any) -> Any:
         nonlocal calls
         # dead_letter is called with an empty list on every batch: count real calls only
         if step == "dead_letter" and not args[0]:
@@ -52,7 +52,7 @@ def inject() -> None:
             fault()
         return result
 
-    setattr(consumer.Consumer, name, patched)
+    setattr(owner, name, patched)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,22 @@
-"""The worker loop: read, dead-letter, lock, confirm, apply, acknowledge, release, reclaim.
+"""The worker loop: reclaim, read, dead-letter, apply (``batch``), back off, shut down.
 
-One batch goes through these round trips (DESIGN.md, "A protocol that meets these"):
+Each turn: a page of XAUTOCLAIM when due (entries idle for CLAIM_IDLE_MS, any consumer's),
+then a read: first this consumer's own pending list (after a start or an error), then new
+entries (XREADGROUP >, blocking BLOCK_MS unless entries are kept in hand). Each batch is
+parsed; invalid entries and entries delivered more than MAX_DELIVERIES times go to the
+dead-letter stream (atomic with their XACK); the rest go through ``batch.BatchApplier``.
+Entries whose lock stayed busy, or whose lock was lost, are kept in hand for the next turn.
 
-1. read     XREADGROUP (or XAUTOCLAIM / our own pending list); parse; invalid entries and
-            entries delivered too often go to the dead-letter stream (atomic with XACK).
-2. lock +   one pipeline: SET NX PX per counter, then XCLAIM ... JUSTID of the batch's ids.
-   confirm  Redis runs them in order, so for every lock we got, the ids it returns were
-            still pending *after* we held the lock; the others were finished by someone else.
-3. apply    one fenced script per locked counter (pipelined): check the token, skip entries
-            that already have a marker, INCRBY the sum, add markers.
-4. ack +    one pipeline: XACK everything applied or skipped, then per counter a script that
-   release  clears those entries' markers and releases the lock if the token still holds it.
-
-Busy counters are retried after the held ones are released, with bounded exponential
-backoff and jitter; what is still busy when LOCK_WAIT_MS is used up is kept in hand for the
-next turn of the loop. A crash anywhere leaves entries pending and the markers make their
-redelivery a no-op.
+A crash anywhere leaves entries pending; the markers make their redelivery a no-op.
+Connection errors and transient Redis errors (OOM, LOADING, READONLY...) drop what is in
+hand (it is still pending, and ours), back off with jitter and start again from our own
+pending list, without counting that as a redelivery.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -32,45 +25,14 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Settings
-from worker import counters, deadletter, events, scripts, stream
-from worker.backoff import Backoff, reconnect_delay
+from worker import deadletter, events, scripts, stream
+from worker.backoff import reconnect_delay
+from worker.batch import BatchApplier, BatchOutcome, Held, Stats
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import InvalidEvent
-from worker.events import Event
-from worker.lock import Locks
 from worker.reclaim import Reclaimer
-from worker.scripts import Call
 from worker.stream import Delivery
-
-Held = tuple[Event, int]
-"""An event in hand, with its delivery count."""
-
-
-@dataclass(slots=True)
-class Stats:
-    applied: int = 0
-    duplicates: int = 0
-    refused: str = ""
-    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
-    dead_lettered: int = 0
-    write_failures: int = 0
-    lock_lost: int = 0
-    lock_busy: int = 0
-    reclaimed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    lost: list[Held] = field(default_factory=list)
-    failed: list[tuple[Held, str]] = field(default_factory=list)
-    applied: int = 0
-    duplicates: int = 0
-    refused: str = ""
-    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
 
 
 class Consumer:
@@ -85,11 +47,11 @@ class Consumer:
         self.s = settings
         self.log = log
         self.stopping = stopping
-        self.locks = Locks(client, settings.lock_ttl_ms)
         self.reclaimer = Reclaimer(
             client, settings.stream, settings.group, settings.consumer, settings.claim_idle_ms
         )
         self.stats = Stats()
+        self.applier = BatchApplier(client, settings, log, self.stats, stopping)
         self._deferred: list[Held] = []
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
@@ -188,8 +150,12 @@ class Consumer:
                 except InvalidEvent as exc:
                     rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
         self._dead_letter(rejected)
-        outcome = self._apply_all(valid) if valid else BatchOutcome()
+        outcome = self.applier.apply_all(valid) if valid else BatchOutcome()
+        # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
+        self._deferred += outcome.busy + outcome.lost
         self._after_failures(outcome.failed)
+        if outcome.refused:
+            raise ResponseError(outcome.refused)
         if batch or valid:
             self.log.debug(
                 "batch",
@@ -201,146 +167,6 @@ class Consumer:
                 deferred=len(self._deferred),
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
-
-    def _apply_all(self, held: list[Held]) -> BatchOutcome:
-        """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
-        only while holding nothing."""
-        waiting: dict[str, list[Held]] = defaultdict(list)
-        for h in held:
-            waiting[h[0].counter].append(h)
-        outcome = BatchOutcome()
-        delays: Iterator[float] = Backoff(self.s.lock_wait_ms).delays()
-        while waiting:
-            waiting = self._lock_and_apply(waiting, outcome)
-            if not waiting:
-                break
-            self.stats.lock_busy += len(waiting)
-            delay = None if self.stopping() else next(delays, None)
-            if delay is None:
-                break
-            time.sleep(delay)
-        # Still busy: keep them in hand for the next turn (they stay pending, ours).
-        for items in waiting.values():
-            self._deferred.extend(items)
-        self._deferred.extend(outcome.lost)
-        self.stats.applied += outcome.applied
-        self.stats.duplicates += outcome.duplicates
-        if outcome.refused:
-            raise ResponseError(outcome.refused)
-        return outcome
-
-    def _lock_and_apply(
-        self, groups: dict[str, list[Held]], outcome: BatchOutcome
-    ) -> dict[str, list[Held]]:
-        """One attempt for ``groups``; returns the groups whose lock was busy."""
-        s = self.s
-        names = list(groups)
-        tokens, calls = self.locks.acquire_calls([counters.lock_key(n) for n in names])
-        ids = [h[0].entry_id for n in names for h in groups[n]]
-        calls.append(stream.confirm_call(s.stream, s.group, s.consumer, ids))
-        results = scripts.run(self.client, calls)
-        confirmed = results.pop()
-        if isinstance(confirmed, Exception):
-            # The locks we just took expire by TTL; nothing was written.
-            raise confirmed
-        pending = {bytes(i) for i in confirmed}
-        held: dict[str, str] = {}
-        busy: dict[str, list[Held]] = {}
-        for name, token, result in zip(names, tokens, results, strict=True):
-            if isinstance(result, Exception):
-                raise result
-            if result is True or result == b"OK":
-                held[name] = token
-            else:
-                busy[name] = groups[name]
-        work = {n: [h for h in groups[n] if h[0].entry_id in pending] for n in held}
-        acked = self._apply(work, held, outcome)
-        self._ack_and_release(acked, held)
-        return busy
-
-    def _apply(
-        self, work: dict[str, list[Held]], held: dict[str, str], outcome: BatchOutcome
-    ) -> dict[str, list[Held]]:
-        """Run the fenced apply script for every locked counter; return, per counter, the
-        entries to acknowledge (applied now, or found already applied)."""
-        ttl = self.s.dedupe_window_ms
-        # A repeated event_id inside the batch rides on its first occurrence.
-        followers: dict[bytes, list[Held]] = defaultdict(list)
-        rounds: list[tuple[str, list[Held]]] = []
-        for name, items in work.items():
-            first_of: dict[bytes, bytes] = {}
-            candidates: list[Held] = []
-            for h in items:
-                key = h[0].event_id
-                if key is not None and key in first_of:
-                    followers[first_of[key]].append(h)
-                    continue
-                if key is not None:
-                    first_of[key] = h[0].entry_id
-                candidates.append(h)
-            if candidates:
-                rounds.append((name, candidates))
-
-        acked: dict[str, list[Held]] = defaultdict(list)
-        while rounds:
-            calls = [
-                counters.apply_call(n, held[n], [h[0] for h in items], ttl) for n, items in rounds
-            ]
-            results = scripts.run(self.client, calls)
-            next_rounds: list[tuple[str, list[Held]]] = []
-            for (name, items), raw in zip(rounds, results, strict=True):
-                result = counters.parse_apply(raw)
-                if result.outcome is counters.Outcome.APPLIED:
-                    acked[name] += items
-                    outcome.applied += len(items)
-                elif result.outcome is counters.Outcome.LOCK_LOST:
-                    self.log.warning(
-                        "lock lost before the write: write refused, entries kept for a retry",
-                        counter=name,
-                        entries=len(items),
-                    )
-                    self.stats.lock_lost += len(items)
-                    outcome.lost += items
-                elif result.outcome is counters.Outcome.ALREADY_APPLIED:
-                    skipped = set(result.skipped)
-                    acked[name] += [items[i] for i in skipped]
-                    outcome.duplicates += len(skipped)
-                    rest = [h for i, h in enumerate(items) if i not in skipped]
-                    if rest:
-                        next_rounds.append((name, rest))
-                elif is_transient(result.error):
-                    # Redis refuses writes for now (OOM, ...): not the entries' fault. Keep
-                    # them, finish this batch's acks and releases, then back off.
-                    outcome.lost += items
-                    outcome.refused = result.error
-                elif len(items) == 1:
-                    outcome.failed.append((items[0], result.error))
-                else:  # the sum failed: try each entry on its own
-                    next_rounds += [(name, [h]) for h in items]
-            rounds = next_rounds
-
-        for items in list(acked.values()):
-            for h in list(items):
-                extra = followers.pop(h[0].entry_id, [])
-                items += extra
-                outcome.duplicates += len(extra)
-        for extra in followers.values():
-            outcome.lost += extra  # their first occurrence is not done: retry them with it
-        return acked
-
-    def _ack_and_release(self, acked: dict[str, list[Held]], held: dict[str, str]) -> None:
-        """XACK, then per locked counter clear the acknowledged entries' markers and release
-        the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
-        ack_ids = [h[0].entry_id for items in acked.values() for h in items]
-        calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
-        calls += [
-            counters.finish_call(n, held[n], [h[0].entry_id for h in acked.get(n, ())])
-            for n in held
-        ]
-        results = scripts.run(self.client, calls)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
 
     def _after_failures(self, failed: list[tuple[Held, str]]) -> None:
         """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); on its
