@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "STREAM_COUNTER_"
@@ -36,17 +36,21 @@ def default_consumer_name() -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (the user name is kept)."""
+    """The URL with its secrets replaced by ``***``: the password (a user name is kept),
+    a lone token in the user part (``redis://TOKEN@host``), and a ``password=`` parameter."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
+    query = parts.query
+    if query:
+        query = "&".join(
+            f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+            for key, sep, value in (item.partition("=") for item in query.split("&"))
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 PositiveMs = Annotated[int, Field(ge=1)]
@@ -106,6 +110,16 @@ class Settings(BaseSettings):
             value = value.strip().lower()
             return value or None
         return value
+
+    @model_validator(mode="after")
+    def _claim_after_lock(self) -> Settings:
+        if self.claim_idle_ms <= self.lock_ttl_ms:
+            raise ValueError(
+                f"{ENV_PREFIX}CLAIM_IDLE_MS ({self.claim_idle_ms}) must be greater than "
+                f"{ENV_PREFIX}LOCK_TTL_MS ({self.lock_ttl_ms}): entries would be claimed away "
+                f"from a replica that still holds their lock"
+            )
+        return self
 
     @property
     def dead_letter(self) -> str:

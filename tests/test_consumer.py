@@ -38,7 +38,7 @@ def make_consumer(redis_server: Any) -> MakeConsumer:
             "consumer": "live",
             "block_ms": 20,
             "claim_idle_ms": 100,
-            "lock_ttl_ms": 1000,
+            "lock_ttl_ms": 80,
             "lock_wait_ms": 50,
             "log_format": "json",
             "log_level": "DEBUG",
@@ -214,7 +214,7 @@ def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_
     # The crashed replica took the lock and applied, then died before XACK.
     r.set(counters.lock_key("once"), "t-crashed", px=50)
     parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
-    call = counters.apply_call("once", "t-crashed", [parsed], 60_000)
+    call = counters.apply_call("once", "t-crashed", STREAM.encode(), [parsed], 60_000)
     (raw,) = scripts.run(r, [call])
     assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
     time.sleep(0.15)  # lock expired, entry idle: a live replica claims it

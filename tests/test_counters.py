@@ -18,6 +18,7 @@ from worker.lock import Locks
 from worker.scripts import Call
 
 NAME = "hits"
+SRC = b"events"  # the stream the entries came from (part of entry markers)
 V, LOCK, APPLIED = value_key(NAME), lock_key(NAME), applied_key(NAME)
 TTL_MS = 60_000
 I64 = 2**63 - 1
@@ -32,12 +33,12 @@ def take_lock(r: redis.Redis) -> str:
 
 
 def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS) -> ApplyResult:
-    (raw,) = scripts.run(r, [counters.apply_call(NAME, token, events, ttl_ms)])
+    (raw,) = scripts.run(r, [counters.apply_call(NAME, token, SRC, events, ttl_ms)])
     return counters.parse_apply(raw)
 
 
 def finish(r: redis.Redis, token: str, events: list[Event]) -> int:
-    (raw,) = scripts.run(r, [counters.finish_call(NAME, token, [e.entry_id for e in events])])
+    (raw,) = scripts.run(r, [counters.finish_call(NAME, token, SRC, [e.entry_id for e in events])])
     return int(raw)
 
 
@@ -89,7 +90,7 @@ def test_apply_with_the_lock_adds_the_exact_sum_and_markers_with_a_ttl(r: redis.
     assert result.value == 13
     assert r.get(V) == b"13"
     got = markers(r)
-    assert set(got) == {b"x:1-0", b"x:2-0", b"k:ev-a", b"x:3-0"}
+    assert set(got) == {b"x:events|1-0", b"x:events|2-0", b"k:ev-a", b"x:events|3-0"}
     for score in got.values():  # expiry time in ms, about now + TTL
         assert before_ms + TTL_MS - 1_000 <= score <= before_ms + TTL_MS + 2_000
     assert 0 < r.pttl(APPLIED) <= TTL_MS
@@ -169,15 +170,15 @@ def test_failed_write_returns_failed_with_redis_error_and_writes_no_marker(
     assert result.outcome is Outcome.FAILED
     assert result.error.startswith(error)
     assert state(r) == before
-    assert set(markers(r)) == {b"x:1-0", b"k:first"}  # only the earlier apply's markers
+    assert set(markers(r)) == {b"x:events|1-0", b"k:first"}  # only the earlier apply's markers
 
 
 @pytest.mark.parametrize(
     ("holder", "code", "left"),
     [
-        ("me", 1, {b"k:k1", b"x:3-0"}),
-        (None, 2, {b"k:k1", b"x:3-0"}),
-        ("other-holder", 0, {b"x:1-0", b"k:k1", b"x:2-0", b"x:3-0"}),
+        ("me", 1, {b"k:k1", b"x:events|3-0"}),
+        (None, 2, {b"k:k1", b"x:events|3-0"}),
+        ("other-holder", 0, {b"x:events|1-0", b"k:k1", b"x:events|2-0", b"x:events|3-0"}),
     ],
     ids=["owner-releases", "lock-gone-still-clears", "other-holder-clears-nothing"],
 )
@@ -202,9 +203,9 @@ def test_expired_markers_are_pruned_and_the_entry_counts_again(r: redis.Redis) -
     assert 0 < r.pttl(APPLIED) <= 300
     assert apply(r, token, [ev(2)]).outcome is Outcome.APPLIED  # key now lives TTL_MS
     time.sleep(0.45)
-    assert b"x:1-0" in markers(r)  # expired by score, not yet removed
+    assert b"x:events|1-0" in markers(r)  # expired by score, not yet removed
     assert apply(r, token, [ev(3)]).outcome is Outcome.APPLIED
-    assert set(markers(r)) == {b"x:2-0", b"x:3-0"}  # pruned by the apply
+    assert set(markers(r)) == {b"x:events|2-0", b"x:events|3-0"}  # pruned by the apply
     assert apply(r, token, [ev(1)]).outcome is Outcome.APPLIED  # its window is over
     assert r.get(V) == b"4"
     assert 0 < r.pttl(APPLIED) <= TTL_MS
@@ -227,10 +228,10 @@ def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis
     assert r.script_exists(counters.APPLY.sha) == [False]
     calls = [
         Call.command("INCR", "side"),
-        counters.apply_call(NAME, token, [ev(2, 3)], TTL_MS),
+        counters.apply_call(NAME, token, SRC, [ev(2, 3)], TTL_MS),
         Call.command("INCR", "side"),
-        counters.apply_call(NAME, token, [ev(3, 4)], TTL_MS),
-        counters.finish_call(NAME, token, [b"1-0", b"2-0", b"3-0"]),
+        counters.apply_call(NAME, token, SRC, [ev(3, 4)], TTL_MS),
+        counters.finish_call(NAME, token, SRC, [b"1-0", b"2-0", b"3-0"]),
     ]
     results = scripts.run(r, calls)
     assert [results[0], results[2], results[4]] == [1, 2, 1]  # finish ran after the applies

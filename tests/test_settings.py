@@ -312,6 +312,9 @@ def test_password_not_shown_when_a_url_is_given_to_the_wrong_field() -> None:
         ),
         ("redis://:p%40ss%3Aw0rd@host/0", "redis://:***@host/0"),
         ("redis://:p@ss@host/0", "redis://:***@host/0"),
+        # a lone token in the user part, and a password given as a parameter
+        (f"redis://{PASSWORD}@host:6379/0", "redis://***@host:6379/0"),
+        (f"redis://host:6379/0?password={PASSWORD}&db=1", "redis://host:6379/0?password=***&db=1"),
     ],
 )
 def test_redact_url_hides_the_password(url: str, shown: str) -> None:
@@ -320,7 +323,7 @@ def test_redact_url_hides_the_password(url: str, shown: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://127.0.0.1:6379/0", "redis://user@host:6379/0", "rediss://[::1]:6380"]
+    "url", ["redis://127.0.0.1:6379/0", "redis://host:6379/0?db=1", "rediss://[::1]:6380"]
 )
 def test_redact_url_keeps_a_url_without_password(url: str) -> None:
     assert redact_url(url) == url

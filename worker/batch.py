@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import redis
 import structlog
@@ -27,7 +28,6 @@ import structlog
 from config import Settings
 from worker import counters, scripts, stream
 from worker.backoff import Backoff
-from worker.connection import is_transient
 from worker.events import Event
 from worker.lock import Locks
 from worker.scripts import Call
@@ -64,6 +64,14 @@ class BatchOutcome:
     """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
 
 
+class Round(NamedTuple):
+    """One apply (or probe) script call: events of one counter."""
+
+    name: str
+    items: list[Held]
+    probe: bool
+
+
 class BatchApplier:
     def __init__(
         self,
@@ -79,6 +87,7 @@ class BatchApplier:
         self.stats = stats
         self.stopping = stopping
         self.locks = Locks(client, settings.lock_ttl_ms)
+        self.stream_key = settings.stream.encode()
 
     def apply_all(self, held: list[Held]) -> BatchOutcome:
         """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
@@ -128,6 +137,14 @@ class BatchApplier:
             else:
                 busy[name] = groups[name]
         work = {n: [h for h in groups[n] if h[0].entry_id in pending] for n in held}
+        dropped = [h[0].entry_id for n in held for h in groups[n] if h[0].entry_id not in pending]
+        if dropped:
+            self.log.info(
+                "entries no longer pending were dropped: acknowledged by another replica, "
+                "or deleted from the stream",
+                count=len(dropped),
+                ids=[i.decode() for i in dropped[:10]],
+            )
         acked = self._apply(work, held, outcome)
         self._ack_and_release(acked, held)
         return busy
@@ -138,12 +155,16 @@ class BatchApplier:
         """Run the fenced apply script for every locked counter; return, per counter, the
         entries to acknowledge (applied now, or found already applied)."""
         ttl = self.s.dedupe_window_ms
-        # A repeated event_id inside the batch rides on its first occurrence.
+        most = self.s.max_deliveries
+        # A repeated event_id inside the batch rides on its first occurrence. An entry
+        # delivered more than MAX_DELIVERIES times is only probed: if it was applied (its
+        # replica died before the XACK) it is acknowledged, else it is dead-lettered.
         followers: dict[bytes, list[Held]] = defaultdict(list)
-        rounds: list[tuple[str, list[Held]]] = []
+        rounds: list[Round] = []
         for name, items in work.items():
             first_of: dict[bytes, bytes] = {}
             candidates: list[Held] = []
+            worn: list[Held] = []
             for h in items:
                 key = h[0].event_id
                 if key is not None and key in first_of:
@@ -151,18 +172,25 @@ class BatchApplier:
                     continue
                 if key is not None:
                     first_of[key] = h[0].entry_id
-                candidates.append(h)
-            if candidates:
-                rounds.append((name, candidates))
+                (worn if h[1] > most else candidates).append(h)
+            rounds += [Round(name, group, group is worn) for group in (candidates, worn) if group]
 
         acked: dict[str, list[Held]] = defaultdict(list)
         while rounds:
             calls = [
-                counters.apply_call(n, held[n], [h[0] for h in items], ttl) for n, items in rounds
+                counters.apply_call(
+                    r.name,
+                    held[r.name],
+                    self.stream_key,
+                    [h[0] for h in r.items],
+                    ttl,
+                    probe=r.probe,
+                )
+                for r in rounds
             ]
             results = scripts.run(self.client, calls)
-            next_rounds: list[tuple[str, list[Held]]] = []
-            for (name, items), raw in zip(rounds, results, strict=True):
+            next_rounds: list[Round] = []
+            for (name, items, probe), raw in zip(rounds, results, strict=True):
                 result = counters.parse_apply(raw)
                 if result.outcome is counters.Outcome.APPLIED:
                     acked[name] += items
@@ -181,16 +209,22 @@ class BatchApplier:
                     outcome.duplicates += len(skipped)
                     rest = [h for i, h in enumerate(items) if i not in skipped]
                     if rest:
-                        next_rounds.append((name, rest))
-                elif is_transient(result.error):
+                        next_rounds.append(Round(name, rest, probe))
+                elif result.outcome is counters.Outcome.NOT_APPLIED:
+                    outcome.failed += [
+                        (h, f"delivered {h[1]} times, more than MAX_DELIVERIES={most}")
+                        for h in items
+                    ]
+                elif result.transient:
                     # Redis refuses writes for now (OOM, ...): not the entries' fault. Keep
                     # them, finish this batch's acks and releases, then back off.
                     outcome.lost += items
                     outcome.refused = result.error
                 elif len(items) == 1:
+                    self.stats.write_failures += 1
                     outcome.failed.append((items[0], result.error))
                 else:  # the sum failed: try each entry on its own
-                    next_rounds += [(name, [h]) for h in items]
+                    next_rounds += [Round(name, [h], probe) for h in items]
             rounds = next_rounds
 
         for items in list(acked.values()):
@@ -208,7 +242,9 @@ class BatchApplier:
         ack_ids = [h[0].entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
         calls += [
-            counters.finish_call(n, held[n], [h[0].entry_id for h in acked.get(n, ())])
+            counters.finish_call(
+                n, held[n], self.stream_key, [h[0].entry_id for h in acked.get(n, ())]
+            )
             for n in held
         ]
         results = scripts.run(self.client, calls)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from config import ENV_PREFIX, Settings
 from worker import __version__, counters, events, scripts
 from worker.backoff import reconnect_delay
-from worker.connection import check_server, connect, ensure_group, is_transient
+from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
 from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
 from worker.logs import configure, scrub
@@ -95,7 +95,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a rule between fields: the message names them
+                print(f"stream-counter: invalid configuration: {error['msg']}", file=sys.stderr)
+                continue
+            field = str(error["loc"][0])
             source = _flag(field) if field in overrides else f"{ENV_PREFIX}{field.upper()}"
             shown = "" if field == "redis_url" else f" (got {scrub(repr(error.get('input')))})"
             print(
@@ -135,7 +138,6 @@ def run(settings: Settings) -> int:
         while not shutdown.requested():
             try:
                 version = check_server(client)
-                ensure_group(client, settings.stream, settings.group)
                 log.info("connected", redis_version=version)
                 break
             except redis.RedisError as exc:

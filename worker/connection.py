@@ -11,7 +11,7 @@ from redis.retry import Retry
 
 from config import Settings
 from worker import scripts
-from worker.errors import RedisUnsupported
+from worker.errors import GroupDeleted, RedisUnsupported
 
 MIN_VERSION = (7, 0)
 
@@ -95,18 +95,44 @@ def check_server(client: redis.Redis) -> str:
     return version
 
 
+def group_marker_key(stream: str, group: str) -> str:
+    """Set once the group exists: its absence tells a fresh (or emptied) Redis from a group
+    that somebody deleted."""
+    return f"stream-counter:group:{stream}:{group}"
+
+
 def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
     """Create the consumer group from the start of the stream (MKSTREAM) if missing.
 
     Returns True if this call created it. BUSYGROUP (another replica was first) is fine.
+    Raises GroupDeleted if the group is missing but was created before (see
+    ``group_marker_key``): reading the stream again from the start would count every
+    event a second time.
     """
+    marker = group_marker_key(stream, group)
+    if client.exists(marker):
+        try:
+            groups = client.xinfo_groups(stream)
+        except ResponseError:
+            groups = []
+        if any(g.get("name") in (group, group.encode()) for g in groups):
+            return False
+        raise GroupDeleted(
+            f"consumer group {group!r} of stream {stream!r} was deleted after it had been "
+            f"created; not recreating it from the start (that would count every event in "
+            f"the stream again). Recreate it where counting should resume, e.g. "
+            f"'XGROUP CREATE {stream} {group} $', or delete the key {marker!r} to count the "
+            f"whole stream from the start"
+        )
     try:
         scripts.command(client, "XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
+        created = True
     except ResponseError as exc:
         message = str(exc)
-        if message.startswith("BUSYGROUP"):
-            return False
         if message.startswith("WRONGTYPE"):
             raise RedisUnsupported(f"key {stream!r} exists and is not a stream") from None
-        raise
-    return True
+        if not message.startswith("BUSYGROUP"):
+            raise
+        created = False
+    client.set(marker, "1")
+    return created

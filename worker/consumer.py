@@ -15,6 +15,7 @@ pending list, without counting that as a redelivery.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -26,11 +27,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Settings
 from worker import deadletter, events, scripts, stream
-from worker.backoff import reconnect_delay
+from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import BatchApplier, BatchOutcome, Held, Stats
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
-from worker.errors import InvalidEvent
+from worker.errors import GroupDeleted, InvalidEvent
 from worker.reclaim import Reclaimer
 from worker.stream import Delivery
 
@@ -56,29 +57,38 @@ class Consumer:
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
+        self._stalled = 0
+        self._rng = random.Random()
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
-        ensure_group(self.client, self.s.stream, self.s.group)
         last_report = time.monotonic()
+        group_ready = False
         while not self.stopping():
             try:
+                if not group_ready:
+                    ensure_group(self.client, self.s.stream, self.s.group)
+                    group_ready = True
                 self.step()
                 if self._connection_failures:
                     self.log.info("redis reachable again", after_failures=self._connection_failures)
                     self._connection_failures = 0
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 self._on_unavailable(exc)
+            except GroupDeleted as exc:
+                self._reset_after_error()
+                self.log.error("consumer group deleted; waiting for an operator", error=str(exc))
+                sleep_unless(self.stopping, 5.0)
             except ResponseError as exc:
                 if is_transient(exc):
                     self._on_unavailable(exc)
-                    continue
-                if not str(exc).startswith("NOGROUP"):
+                elif str(exc).startswith("NOGROUP"):
+                    self.log.warning("consumer group missing", error=str(exc))
+                    self._reset_after_error()
+                    group_ready = False
+                else:
                     raise
-                self.log.warning("consumer group missing; creating it again", error=str(exc))
-                self._reset_after_error()
-                ensure_group(self.client, self.s.stream, self.s.group)
             if time.monotonic() - last_report >= 10:
                 last_report = time.monotonic()
                 self.log.info("progress", **self.stats.as_dict())
@@ -95,6 +105,11 @@ class Consumer:
                 self.log.warning(
                     "pending entries were deleted from the stream before being counted",
                     ids=[i.decode() for i in result.deleted],
+                )
+            if result.pruned:
+                self.log.info(
+                    "removed idle consumers with nothing pending from the group",
+                    consumers=[c.decode(errors="replace") for c in result.pruned],
                 )
             in_hand = {h[0].entry_id for h in self._deferred}
             claimed = [d for d in result.claimed if d.entry_id not in in_hand]
@@ -135,16 +150,7 @@ class Consumer:
                         item.entry_id, [], "entry was deleted from the stream before it was counted"
                     )
                 )
-            elif item.deliveries > self.s.max_deliveries:
-                rejected.append(
-                    Rejected(
-                        item.entry_id,
-                        item.fields,
-                        f"delivered {item.deliveries} times, "
-                        f"more than MAX_DELIVERIES={self.s.max_deliveries}",
-                    )
-                )
-            else:
+            else:  # valid entries delivered too often are probed, then dead-lettered (batch)
                 try:
                     valid.append((events.parse(item.entry_id, item.fields), item.deliveries))
                 except InvalidEvent as exc:
@@ -153,6 +159,13 @@ class Consumer:
         outcome = self.applier.apply_all(valid) if valid else BatchOutcome()
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
+        progress = outcome.applied + outcome.duplicates + len(rejected) + len(outcome.failed)
+        if self._deferred and not progress:
+            # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
+            self._stalled += 1
+            sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.2, self._rng))
+        else:
+            self._stalled = 0
         self._after_failures(outcome.failed)
         if outcome.refused:
             raise ResponseError(outcome.refused)
@@ -169,23 +182,23 @@ class Consumer:
             )
 
     def _after_failures(self, failed: list[tuple[Held, str]]) -> None:
-        """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); on its
-        MAX_DELIVERIES-th delivery it is dead-lettered with Redis' error as the reason."""
+        """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its
+        MAX_DELIVERIES-th delivery on it is dead-lettered, with Redis' error as the reason."""
         if not failed:
             return
-        self.stats.write_failures += len(failed)
         final: list[Rejected] = []
         for (event, deliveries), error in failed:
+            if deliveries >= self.s.max_deliveries:
+                fields = self._original_fields(event.entry_id)
+                final.append(Rejected(event.entry_id, fields, error))
+                continue
             self.log.warning(
-                "counter write failed; entry left pending",
+                "counter write failed; entry left pending for a retry",
                 counter=event.counter,
                 entry_id=event.entry_id.decode(),
                 deliveries=deliveries,
                 error=error,
             )
-            if deliveries >= self.s.max_deliveries:
-                fields = self._original_fields(event.entry_id)
-                final.append(Rejected(event.entry_id, fields, error))
         self._dead_letter(final)
 
     def _original_fields(self, entry_id: bytes) -> list[bytes]:

@@ -6,8 +6,11 @@ one script can touch them all:
     sc:{<name>}:v        the value (a Redis integer; a missing key reads as 0)
     sc:{<name>}:lock     the lock (see ``lock``)
     sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
-                           'x:<entry id>'  entry applied, not yet acknowledged; cleared
+                           'x:<stream>|<entry id>'
+                                           entry applied, not yet acknowledged; cleared
                                            after XACK, expires after the window otherwise
+                                           (the stream is part of it: several streams
+                                           may feed one counter, with the same ids)
                            'k:<event_id>'  producer's idempotency key; lives for the window
 """
 
@@ -20,6 +23,7 @@ from enum import Enum
 import redis
 
 from worker import scripts
+from worker.connection import is_transient
 from worker.events import Event
 from worker.scripts import Call
 
@@ -42,8 +46,8 @@ def applied_key(name: str) -> str:
     return f"sc:{{{name}}}:applied"
 
 
-def entry_marker(entry_id: bytes) -> bytes:
-    return b"x:" + entry_id
+def entry_marker(stream: bytes, entry_id: bytes) -> bytes:
+    return b"x:" + stream + b"|" + entry_id
 
 
 def event_marker(event_id: bytes | None) -> bytes:
@@ -55,6 +59,8 @@ class Outcome(Enum):
     LOCK_LOST = 0
     ALREADY_APPLIED = 2
     FAILED = 3
+    NOT_APPLIED = 4
+    """Probe only: none of the events has a marker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,21 +70,33 @@ class ApplyResult:
     """ALREADY_APPLIED: 0-based positions of the events that already have a marker."""
     error: str = ""
     """FAILED: Redis' error message (e.g. 'ERR increment or decrement would overflow')."""
+    transient: bool = False
+    """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
     value: int | None = None
 
 
-def apply_call(name: str, token: str, events: Sequence[Event], marker_ttl_ms: int) -> Call:
-    """The script call that applies ``events`` (all of counter ``name``) at once."""
-    args: list[str | bytes | int] = [token, marker_ttl_ms, sum(e.delta for e in events)]
+def apply_call(
+    name: str,
+    token: str,
+    stream: bytes,
+    events: Sequence[Event],
+    marker_ttl_ms: int,
+    *,
+    probe: bool = False,
+) -> Call:
+    """The script call that applies ``events`` (all of counter ``name``, read from
+    ``stream``) at once; with ``probe``, only asks which of them already have a marker."""
+    total: str | int = "" if probe else sum(e.delta for e in events)
+    args: list[str | bytes | int] = [token, marker_ttl_ms, total]
     for event in events:
-        args.append(entry_marker(event.entry_id))
+        args.append(entry_marker(stream, event.entry_id))
         args.append(event_marker(event.event_id))
     return Call.eval(APPLY, [value_key(name), lock_key(name), applied_key(name)], args)
 
 
 def parse_apply(result: object) -> ApplyResult:
     if isinstance(result, Exception):
-        return ApplyResult(Outcome.FAILED, error=str(result))
+        return ApplyResult(Outcome.FAILED, error=str(result), transient=is_transient(result))
     assert isinstance(result, list), result
     code = int(result[0])
     if code == 1:
@@ -87,19 +105,20 @@ def parse_apply(result: object) -> ApplyResult:
         return ApplyResult(Outcome.LOCK_LOST)
     if code == 2:
         return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in result[1:]))
-    error = result[1]
-    return ApplyResult(
-        Outcome.FAILED, error=error.decode() if isinstance(error, bytes) else str(error)
-    )
+    if code == 4:
+        return ApplyResult(Outcome.NOT_APPLIED)
+    raw = result[1]
+    error = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
 
 
 def fits_int64(total: int) -> bool:
     return INT64_MIN <= total <= INT64_MAX
 
 
-def finish_call(name: str, token: str, acked_entries: Iterable[bytes]) -> Call:
+def finish_call(name: str, token: str, stream: bytes, acked_entries: Iterable[bytes]) -> Call:
     """Clear the entry markers of acknowledged entries and release the lock (see the .lua)."""
-    args: list[str | bytes | int] = [token, *(entry_marker(e) for e in acked_entries)]
+    args: list[str | bytes | int] = [token, *(entry_marker(stream, e) for e in acked_entries)]
     return Call.eval(FINISH, [lock_key(name), applied_key(name)], args)
 
 

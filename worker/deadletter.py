@@ -19,6 +19,11 @@ from worker.scripts import Call
 
 DEAD_LETTER = scripts.Script.load("deadletter")
 
+MAX_FIELDS = 1000
+"""Fields copied from one entry. Lua cannot unpack much more than 8,000 values into one
+XADD; an entry with more fields keeps its first MAX_FIELDS and says so in
+``fields_truncated`` (the original stays in the stream until it is trimmed)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -33,7 +38,12 @@ def dead_letter_call(
 ) -> Call:
     args: list[str | bytes | int] = [group, consumer]
     for item in rejected:
-        args += [item.entry_id, item.reason, len(item.fields) // 2, *item.fields]
+        fields = item.fields
+        total = len(fields) // 2
+        if total > MAX_FIELDS:
+            note = f"{MAX_FIELDS} of {total} fields kept".encode()
+            fields = [*fields[: 2 * MAX_FIELDS], b"fields_truncated", note]
+        args += [item.entry_id, item.reason, len(fields) // 2, *fields]
     return Call.eval(DEAD_LETTER, [stream, dead_stream], args)
 
 

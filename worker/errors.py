@@ -3,8 +3,11 @@
     StreamCounterError            base of everything we raise on purpose
     ├── ConfigError               invalid settings; the CLI exits with ExitCode.CONFIG
     ├── InvalidEvent              an entry that breaks the event contract; it is dead-lettered
-    └── RedisUnsupported          the server cannot run us (Redis < 7.0, the stream key holds
-                                  another type, authentication refused); ExitCode.REDIS
+    ├── RedisUnsupported          the server cannot run us (Redis < 7.0, the stream key holds
+    │                             another type, authentication refused); ExitCode.REDIS
+    └── GroupDeleted              the consumer group was deleted after it had been created:
+                                  recreating it from the start would count everything
+                                  again, so the worker waits for an operator
 
 Redis' own errors (redis.exceptions.*) are not wrapped: connection errors are retried by
 the consumer loop, and a write error on a counter is recorded as the entry's failure reason.
@@ -48,3 +51,8 @@ class InvalidEvent(StreamCounterError):
 
 class RedisUnsupported(StreamCounterError):
     """The Redis server cannot run this worker (and retrying will not change that)."""
+
+
+class GroupDeleted(StreamCounterError):
+    """The consumer group existed and was deleted (XGROUP DESTROY), while the stream's
+    history may already be counted. The worker does not recreate it from the start."""

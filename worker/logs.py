@@ -15,18 +15,24 @@ import structlog
 
 from config import LogFormat, Settings
 
-# Greedy up to the last '@' of the word: a password may itself contain '@'.
-_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)\S+@", re.IGNORECASE)
+# The user part of a URL (greedy up to the last '@' of the word: a password may contain
+# '@'), and password= parameters.
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)(\S+)@", re.IGNORECASE)
+_PASSWORD_PARAM = re.compile(r"(\bpassword=)[^&\s'\"]+", re.IGNORECASE)
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 
 
 def scrub(text: str) -> str:
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
+
+    return _PASSWORD_PARAM.sub(r"\1***", _URL_USERINFO.sub(userinfo, text))
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str) and "://" in value:
+        if isinstance(value, str) and ("://" in value or "password=" in value.lower()):
             event[key] = scrub(value)
     return event
 

@@ -1,10 +1,11 @@
 -- Apply a group of events to one counter, fenced by its lock, exactly once.
 --
 -- KEYS[1] value key, KEYS[2] lock key, KEYS[3] applied-markers key (a sorted set:
---         member 'x:<entry id>' or 'k:<event_id>', score = expiry time in ms)
+--         member 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry time in ms)
 -- ARGV[1] lock token, ARGV[2] marker TTL in ms, ARGV[3] sum of the deltas (exact decimal,
---         computed by the caller: Lua numbers are doubles), then per event two members:
---         ARGV[2i+2] 'x:<entry id>', ARGV[2i+3] 'k:<event_id>' or '' when it has none.
+--         computed by the caller: Lua numbers are doubles), or '' to only probe which
+--         events already have a marker; then per event two members:
+--         ARGV[2i+2] 'x:<stream>|<entry id>', ARGV[2i+3] 'k:<event_id>' or '' when none.
 --
 -- Returns one of
 --   {0}                 the caller does not hold the lock: nothing written (fencing)
@@ -13,6 +14,7 @@
 --   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
 --                       the caller drops them and calls again with the rest and their sum
 --   {3, error}          INCRBY failed (non-integer value, overflow): nothing written
+--   {4}                 probe: none of the events has a marker; nothing written
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return {0}
 end
@@ -45,6 +47,9 @@ end
 if #skipped > 1 then
   return skipped
 end
+if ARGV[3] == '' then
+  return {4}
+end
 
 local value = redis.pcall('INCRBY', KEYS[1], ARGV[3])
 if type(value) == 'table' and value.err then
@@ -57,5 +62,8 @@ for j = 1, #members do
   zargs[#zargs + 1] = members[j]
 end
 redis.call('ZADD', KEYS[3], unpack(zargs))
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
+-- The key lives as long as its longest-lived marker: a replica with a shorter window
+-- must not cut the life of markers written with a longer one.
+local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[3], last[2])
 return {1, redis.call('GET', KEYS[1])}
