@@ -278,3 +278,80 @@ def test_event_id_markers_expire_after_the_dedupe_window(
     push(r, "w", 1, event_id="k")  # a retry after the window counts again (documented)
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"w"}) == {"w": 2}
+
+
+def test_same_entry_id_on_two_streams_feeding_one_counter_counts_both(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.xadd("s1", {"counter": "shared", "amount": 5}, id="1-0")
+    r.xadd("s2", {"counter": "shared", "amount": 7}, id="1-0")
+    ensure_group(r, "s1", GROUP)
+    r.xreadgroup(GROUP, "crashed", {"s1": ">"}, count=10)
+    # The s1 replica applied its entry 1-0, then died before XACK.
+    r.set(counters.lock_key("shared"), "t-crashed", px=50)
+    parsed = parse(b"1-0", [b"counter", b"shared", b"amount", b"5"])
+    (raw,) = scripts.run(r, [counters.apply_call("shared", "t-crashed", b"s1", [parsed], 60_000)])
+    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    time.sleep(0.15)
+    on_s2 = make_consumer(stream="s2", consumer="s2-live")
+    turn_until(on_s2, lambda: drained(r, "s2"))
+    assert values(r, {"shared"}) == {"shared": 12}  # s2's 1-0 is not s1's 1-0
+    on_s1 = make_consumer(stream="s1", consumer="s1-live")
+    turn_until(on_s1, lambda: drained(r, "s1"))
+    assert values(r, {"shared"}) == {"shared": 12}  # s1's redelivery is still a no-op
+    assert on_s1.stats.duplicates == 1
+
+
+def test_entry_with_thousands_of_fields_is_dead_lettered_without_blocking_the_batch(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    fields: dict[str, str] = {f"f{i}": "v" for i in range(5000)}
+    huge = r.xadd(STREAM, {"counter": "", **fields})
+    push(r, "fine", 2)
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"fine"}) == {"fine": 2}
+    (dead,) = dead_letters(r)
+    assert dead[b"source_id"] == huge
+    assert b"field 'counter' is empty" in dead[b"error"]
+    assert dead[b"fields_truncated"] == b"1000 of 5001 fields kept"
+
+
+def test_over_delivered_entry_that_was_already_applied_is_acknowledged_not_dead_lettered(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    entry = push(r, "worn", 5)
+    ensure_group(r, STREAM, GROUP)
+    for n in range(3):  # three deliveries; the last replica applied it, then died
+        r.xreadgroup(GROUP, f"dead-{n}", {STREAM: "0" if n else ">"}, count=10)
+        if n:
+            r.xclaim(STREAM, GROUP, f"dead-{n}", 0, [entry])
+    r.set(counters.lock_key("worn"), "t-dead", px=50)
+    parsed = parse(entry, [b"counter", b"worn", b"amount", b"5"])
+    call = counters.apply_call("worn", "t-dead", STREAM.encode(), [parsed], 60_000)
+    (raw,) = scripts.run(r, [call])
+    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    time.sleep(0.15)
+    consumer = make_consumer(max_deliveries=3)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"worn"}) == {"worn": 5}
+    assert dead_letters(r) == []  # it was counted: dead-lettering it would invite a replay
+    assert bookkeeping_keys(r) == []
+
+
+def test_busy_lock_with_zero_lock_wait_does_not_spin_on_redis(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lock_key("held"), "someone-else", px=60_000)
+    push(r, "held", 1)
+    consumer = make_consumer(lock_wait_ms=0)
+    consumer.step()
+    before = int(r.info("stats")["total_commands_processed"])
+    deadline = time.monotonic() + 1.0
+    turns = 0
+    while time.monotonic() < deadline:
+        consumer.step()
+        turns += 1
+    commands = int(r.info("stats")["total_commands_processed"]) - before
+    assert values(r, {"held"}) == {"held": 0}
+    assert commands < 400, f"{commands} commands in 1 s over {turns} turns: spinning"

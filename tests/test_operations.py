@@ -1,0 +1,79 @@
+"""Operator-facing faults: a deleted consumer group, dead replicas' names, mixed windows."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import redis
+from helpers import GROUP, STREAM, push, push_random, values, wait_drained
+
+from config import Settings
+from worker import counters, scripts
+from worker.connection import connect, ensure_group
+from worker.events import parse
+from worker.reclaim import Reclaimer
+
+
+def test_deleted_group_is_not_recreated_from_the_start_and_nothing_is_counted_twice(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    r = redis_server.client()
+    expected = push_random(r, 300, names=5)
+    worker = spawn_worker(redis_server.url, block_ms=100)
+    wait_drained(r, 30)
+    r.xgroup_destroy(STREAM, GROUP)  # an operator's mistake
+    worker.wait_for_log("consumer group deleted; waiting for an operator")
+    time.sleep(0.5)
+    assert values(r, set(expected)) == dict(expected)  # not counted a second time
+    assert not r.xinfo_groups(STREAM)
+    r.xgroup_create(STREAM, GROUP, "$")  # the fix the log line suggests
+    push(r, "c0", 10)
+    wait_drained(r, 30)
+    assert values(r, {"c0"}) == {"c0": expected["c0"] + 10}
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+
+
+def test_group_lost_with_the_data_of_a_fresh_redis_is_created_again(r: redis.Redis) -> None:
+    assert ensure_group(r, STREAM, GROUP) is True
+    r.flushall()  # Redis restarted without persistence: group and marker are both gone
+    assert ensure_group(r, STREAM, GROUP) is True
+
+
+def test_names_of_dead_replicas_with_nothing_pending_are_removed_from_the_group(
+    r: redis.Redis, redis_server: Any
+) -> None:
+    push(r, "a", 1)
+    push(r, "b", 1)
+    ensure_group(r, STREAM, GROUP)
+    ((entry_a, _),) = r.xreadgroup(GROUP, "dead-idle", {STREAM: ">"}, count=1)[0][1]
+    r.xack(STREAM, GROUP, entry_a)  # dead-idle: nothing pending
+    r.xreadgroup(GROUP, "dead-busy", {STREAM: ">"}, count=1)  # dead-busy: one pending
+    settings = Settings(
+        redis_url=redis_server.url, consumer="live", claim_idle_ms=100, lock_ttl_ms=50
+    )
+    reclaimer = Reclaimer(connect(settings), STREAM, GROUP, "live", 100)
+    assert reclaimer.prune_consumers() == []  # not idle long enough yet
+    time.sleep(1.1)  # 10 x CLAIM_IDLE_MS
+    assert reclaimer.prune_consumers() == [b"dead-idle"]
+    names = {c["name"] for c in r.xinfo_consumers(STREAM, GROUP)}
+    assert names == {b"dead-busy"}  # its pending entry keeps it until someone claims it
+
+
+def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
+    r: redis.Redis,
+) -> None:
+    r.set(counters.lock_key("w"), "t", px=10_000)
+    day = 86_400_000
+    first = parse(b"1-0", [b"counter", b"w", b"event_id", b"k1"])
+    second = parse(b"2-0", [b"counter", b"w", b"event_id", b"k2"])
+    scripts.run(r, [counters.apply_call("w", "t", b"events", [first], day)])
+    scripts.run(r, [counters.apply_call("w", "t", b"events", [second], 1_000)])
+    assert r.pttl(counters.applied_key("w")) > day - 60_000
+    time.sleep(1.1)  # the short-window marker is gone; the day-long one must not be
+    retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
+    (raw,) = scripts.run(r, [counters.apply_call("w", "t", b"events", [retry], 1_000)])
+    assert counters.parse_apply(raw).outcome is counters.Outcome.ALREADY_APPLIED
+    assert values(r, {"w"}) == {"w": 2}
