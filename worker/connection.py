@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
@@ -14,15 +12,6 @@ from worker import scripts
 from worker.errors import GroupDeleted, RedisUnsupported
 
 MIN_VERSION = (7, 0)
-
-# Stream replies are parsed by us (worker.stream), not by redis-py: we need the raw field
-# list (to see duplicate fields and deleted entries) and the exact shape of each reply.
-_RAW_REPLIES = ("XREADGROUP", "XAUTOCLAIM", "XCLAIM", "XPENDING", "XRANGE")
-
-
-def _raw(response: Any, **options: Any) -> Any:
-    return response
-
 
 # Errors after which the same command can succeed later: Redis is loading, failing over,
 # out of memory, unable to persist, or busy with a script. The worker backs off and retries.
@@ -68,7 +57,7 @@ def connect(settings: Settings) -> redis.Redis:
     redis-py's own retry is off: a command that may have run must be seen as an error by
     the consumer loop, which knows what is safe to repeat.
     """
-    client = redis.Redis.from_url(
+    return redis.Redis.from_url(
         settings.redis_url.get_secret_value(),
         protocol=2,
         decode_responses=False,
@@ -77,9 +66,6 @@ def connect(settings: Settings) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         client_name=f"stream-counter:{settings.consumer}",
     )
-    for command in _RAW_REPLIES:
-        client.set_response_callback(command, _raw)
-    return client
 
 
 def check_server(client: redis.Redis) -> str:

@@ -50,10 +50,6 @@ def entry_marker(stream: bytes, entry_id: bytes) -> bytes:
     return b"x:" + stream + b"|" + entry_id
 
 
-def event_marker(event_id: bytes | None) -> bytes:
-    return b"" if event_id is None else b"k:" + event_id
-
-
 class Outcome(Enum):
     APPLIED = 1
     LOCK_LOST = 0
@@ -72,7 +68,6 @@ class ApplyResult:
     """FAILED: Redis' error message (e.g. 'ERR increment or decrement would overflow')."""
     transient: bool = False
     """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
-    value: int | None = None
 
 
 def apply_call(
@@ -87,10 +82,12 @@ def apply_call(
     """The script call that applies ``events`` (all of counter ``name``, read from
     ``stream``) at once; with ``probe``, only asks which of them already have a marker."""
     total: str | int = "" if probe else sum(e.delta for e in events)
-    args: list[str | bytes | int] = [token, marker_ttl_ms, total]
-    for event in events:
-        args.append(entry_marker(stream, event.entry_id))
-        args.append(event_marker(event.event_id))
+    args: list[str | bytes | int] = [token, marker_ttl_ms, total, entry_marker(stream, b"")]
+    args.append(len(events))
+    args += [e.entry_id for e in events]
+    for position, event in enumerate(events, 1):
+        if event.event_id is not None:
+            args += [position, event.event_id]
     return Call.eval(APPLY, [value_key(name), lock_key(name), applied_key(name)], args)
 
 
@@ -100,7 +97,7 @@ def parse_apply(result: object) -> ApplyResult:
     assert isinstance(result, list), result
     code = int(result[0])
     if code == 1:
-        return ApplyResult(Outcome.APPLIED, value=int(result[1]))
+        return ApplyResult(Outcome.APPLIED)
     if code == 0:
         return ApplyResult(Outcome.LOCK_LOST)
     if code == 2:
@@ -118,7 +115,7 @@ def fits_int64(total: int) -> bool:
 
 def finish_call(name: str, token: str, stream: bytes, acked_entries: Iterable[bytes]) -> Call:
     """Clear the entry markers of acknowledged entries and release the lock (see the .lua)."""
-    args: list[str | bytes | int] = [token, *(entry_marker(stream, e) for e in acked_entries)]
+    args: list[str | bytes | int] = [token, entry_marker(stream, b""), *acked_entries]
     return Call.eval(FINISH, [lock_key(name), applied_key(name)], args)
 
 

@@ -17,10 +17,9 @@ MAX_NAME_BYTES = 256
 MAX_EVENT_ID_BYTES = 256
 MAX_AMOUNT = 2**63 - 1
 _MAX_AMOUNT_DIGITS = len(str(MAX_AMOUNT))
-_KNOWN = (b"counter", b"op", b"amount", b"event_id")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     entry_id: bytes
     counter: str
@@ -34,15 +33,26 @@ def parse(entry_id: bytes, flat: list[bytes]) -> Event:
 
     Raises InvalidEvent with a reason in words.
     """
-    known: dict[bytes, bytes] = {}
+    raw_name = op = raw_amount = event_id = None
     for i in range(0, len(flat) - 1, 2):
         name = flat[i]
-        if name in _KNOWN:
-            if name in known:
-                raise InvalidEvent(f"field '{name.decode()}' appears more than once")
-            known[name] = flat[i + 1]
+        if name == b"counter":
+            if raw_name is not None:
+                _duplicate(name)
+            raw_name = flat[i + 1]
+        elif name == b"amount":
+            if raw_amount is not None:
+                _duplicate(name)
+            raw_amount = flat[i + 1]
+        elif name == b"op":
+            if op is not None:
+                _duplicate(name)
+            op = flat[i + 1]
+        elif name == b"event_id":
+            if event_id is not None:
+                _duplicate(name)
+            event_id = flat[i + 1]
 
-    raw_name = known.get(b"counter")
     if raw_name is None:
         raise InvalidEvent("missing required field 'counter'")
     if not raw_name:
@@ -56,18 +66,20 @@ def parse(entry_id: bytes, flat: list[bytes]) -> Event:
     except UnicodeDecodeError:
         raise InvalidEvent("field 'counter' is not valid UTF-8") from None
 
-    op = known.get(b"op", b"incr")
-    if op == b"incr":
+    if op is None or op == b"incr":
         sign = 1
     elif op == b"decr":
         sign = -1
     else:
         raise InvalidEvent(f"field 'op' must be 'incr' or 'decr', got {_show(op)}")
 
-    raw_amount = known.get(b"amount")
-    amount = 1 if raw_amount is None else _parse_amount(raw_amount)
+    if raw_amount is None:
+        amount = 1
+    elif 0 < len(raw_amount) < 19 and raw_amount.isdigit() and raw_amount[0] != 48:  # b"0"
+        amount = int(raw_amount)  # plain digits, no leading zero: 1 .. 10**18-1
+    else:
+        amount = _parse_amount(raw_amount)
 
-    event_id = known.get(b"event_id")
     if event_id is not None:
         if not event_id:
             raise InvalidEvent("field 'event_id' is empty")
@@ -76,6 +88,10 @@ def parse(entry_id: bytes, flat: list[bytes]) -> Event:
                 f"field 'event_id' is {len(event_id)} bytes long; the limit is {MAX_EVENT_ID_BYTES}"
             )
     return Event(entry_id, counter, sign * amount, event_id)
+
+
+def _duplicate(name: bytes) -> None:
+    raise InvalidEvent(f"field '{name.decode()}' appears more than once")
 
 
 def _parse_amount(raw: bytes) -> int:

@@ -14,7 +14,8 @@ from importlib import resources
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
+from hiredis import pack_command
+from redis.exceptions import NoScriptError, ResponseError
 
 Arg = str | bytes | int
 
@@ -69,18 +70,44 @@ def run(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
 
 
 def command(client: redis.Redis, *args: Arg) -> Any:
-    """One raw command (redis-py's execute_command is untyped)."""
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    """One command, its raw reply; an error reply is raised."""
+    (result,) = _send(client, [Call(None, args)])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _pack(call: Call) -> bytes:
+    # (hiredis' stub types the argument as a 1-tuple; it takes any length)
+    if call.script is None:
+        return bytes(pack_command(call.args))  # type: ignore[arg-type]
+    script = call.script
+    args = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+    return bytes(pack_command(args))  # type: ignore[arg-type]
 
 
 def _send(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
-    pipe = client.pipeline(transaction=False)
-    for call in calls:
-        if call.script is None:
-            pipe.execute_command(*call.args)  # type: ignore[no-untyped-call]
-        else:
-            keys = call.keys
-            pipe.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", call.script.sha, len(keys), *keys, *call.args
-            )
-    return list(pipe.execute(raise_on_error=False))
+    """Write every call in one go, then read one raw reply per call.
+
+    redis-py's Pipeline does the same with more work per command (argument encoding, reply
+    callbacks); the replies here are Redis' own (b"OK", ints, nested lists), and the worker
+    reads them as such. A connection error closes the connection and is raised.
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(  # type: ignore[no-untyped-call]
+            [b"".join(_pack(call) for call in calls)]
+        )
+        results: list[Any] = []
+        for _ in calls:
+            try:
+                results.append(conn.read_response())
+            except ResponseError as exc:
+                results.append(exc)
+        return results
+    except BaseException:
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(conn)

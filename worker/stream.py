@@ -12,7 +12,7 @@ from worker import scripts
 from worker.scripts import Call
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delivery:
     entry_id: bytes
     fields: list[bytes] | None

@@ -4,13 +4,13 @@
 --         member 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry time in ms)
 -- ARGV[1] lock token, ARGV[2] marker TTL in ms, ARGV[3] sum of the deltas (exact decimal,
 --         computed by the caller: Lua numbers are doubles), or '' to only probe which
---         events already have a marker; then per event two members:
---         ARGV[2i+2] 'x:<stream>|<entry id>', ARGV[2i+3] 'k:<event_id>' or '' when none.
+--         events already have a marker; ARGV[4] the entry marker prefix 'x:<stream>|';
+--         ARGV[5] n, the number of events; ARGV[6 .. 5+n] their entry ids; then, for the
+--         events that have one, pairs (event's position 1..n, event_id).
 --
 -- Returns one of
 --   {0}                 the caller does not hold the lock: nothing written (fencing)
---   {1, value}          applied: INCRBY done, markers added; value as a string (exact:
---                       a Lua number would round it above 2^53)
+--   {1}                 applied: INCRBY done, markers added
 --   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
 --                       the caller drops them and calls again with the rest and their sum
 --   {3, error}          INCRBY failed (non-integer value, overflow): nothing written
@@ -22,17 +22,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 
+local prefix = ARGV[4]
+local n = tonumber(ARGV[5])
 local members = {}
 local owner = {}
-local n = 0
-for i = 4, #ARGV, 2 do
-  n = n + 1
-  members[#members + 1] = ARGV[i]
-  owner[#members] = n
-  if ARGV[i + 1] ~= '' then
-    members[#members + 1] = ARGV[i + 1]
-    owner[#members] = n
-  end
+for i = 1, n do
+  members[i] = prefix .. ARGV[5 + i]
+  owner[i] = i
+end
+for j = 6 + n, #ARGV, 2 do
+  members[#members + 1] = 'k:' .. ARGV[j + 1]
+  owner[#members] = tonumber(ARGV[j])
 end
 
 local scores = redis.call('ZMSCORE', KEYS[3], unpack(members))
@@ -66,4 +66,4 @@ redis.call('ZADD', KEYS[3], unpack(zargs))
 -- must not cut the life of markers written with a longer one.
 local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[3], last[2])
-return {1, redis.call('GET', KEYS[1])}
+return {1}

@@ -1,6 +1,7 @@
 -- After XACK: clear the entry markers of the acknowledged entries and release the lock.
 --
--- KEYS[1] lock key, KEYS[2] applied-markers key; ARGV[1] token, ARGV[2..] members to clear.
+-- KEYS[1] lock key, KEYS[2] applied-markers key; ARGV[1] token, ARGV[2] the entry marker
+-- prefix 'x:<stream>|', ARGV[3..] the ids of the acknowledged entries.
 -- Markers are cleared when the caller still holds the lock, or when nobody does: any
 -- replica that confirmed these entries pending before our XACK can no longer write (its
 -- token is gone for good), and anyone who locks later sees them acknowledged. While
@@ -15,7 +16,11 @@ if holder == ARGV[1] then
 elseif holder then
   return 0
 end
-if #ARGV > 1 then
-  redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+if #ARGV > 2 then
+  local members = {}
+  for i = 3, #ARGV do
+    members[#members + 1] = ARGV[2] .. ARGV[i]
+  end
+  redis.call('ZREM', KEYS[2], unpack(members))
 end
 return result
