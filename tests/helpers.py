@@ -6,10 +6,11 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from worker import counters
+from worker import counters, scripts
 
 STREAM = "events"
 GROUP = "stream-counter"
@@ -101,3 +102,18 @@ def bookkeeping_keys(r: redis.Redis) -> list[bytes]:
 
 def dead_letters(r: redis.Redis, stream: str = STREAM + ":dead") -> list[dict[bytes, bytes]]:
     return [fields for _id, fields in r.xrange(stream)]
+
+
+def apply_events(
+    r: redis.Redis,
+    name: str,
+    token: str,
+    events: list[Any],
+    ttl_ms: int = 60_000,
+    stream: bytes = STREAM.encode(),
+) -> counters.ApplyResult:
+    """The apply script for one counter, as a replica that holds ``token`` would call it."""
+    call = counters.apply_call(stream, [counters.Group(name, token, events)], ttl_ms)
+    (raw,) = scripts.run(r, [call])
+    (result,) = counters.parse_apply(raw, 1)
+    return result

@@ -12,6 +12,7 @@ import redis
 from helpers import (
     GROUP,
     STREAM,
+    apply_events,
     bookkeeping_keys,
     dead_letters,
     drained,
@@ -21,7 +22,7 @@ from helpers import (
 )
 
 from config import Settings
-from worker import counters, scripts
+from worker import counters
 from worker.connection import connect, ensure_group
 from worker.consumer import Consumer
 from worker.events import parse
@@ -214,9 +215,7 @@ def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_
     # The crashed replica took the lock and applied, then died before XACK.
     r.set(counters.lock_key("once"), "t-crashed", px=50)
     parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
-    call = counters.apply_call("once", "t-crashed", STREAM.encode(), [parsed], 60_000)
-    (raw,) = scripts.run(r, [call])
-    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    assert apply_events(r, "once", "t-crashed", [parsed]).outcome is counters.Outcome.APPLIED
     time.sleep(0.15)  # lock expired, entry idle: a live replica claims it
     consumer = make_consumer(claim_idle_ms=100)
     turn_until(consumer, lambda: drained(r))
@@ -290,8 +289,8 @@ def test_same_entry_id_on_two_streams_feeding_one_counter_counts_both(
     # The s1 replica applied its entry 1-0, then died before XACK.
     r.set(counters.lock_key("shared"), "t-crashed", px=50)
     parsed = parse(b"1-0", [b"counter", b"shared", b"amount", b"5"])
-    (raw,) = scripts.run(r, [counters.apply_call("shared", "t-crashed", b"s1", [parsed], 60_000)])
-    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    result = apply_events(r, "shared", "t-crashed", [parsed], stream=b"s1")
+    assert result.outcome is counters.Outcome.APPLIED
     time.sleep(0.15)
     on_s2 = make_consumer(stream="s2", consumer="s2-live")
     turn_until(on_s2, lambda: drained(r, "s2"))
@@ -328,9 +327,7 @@ def test_over_delivered_entry_that_was_already_applied_is_acknowledged_not_dead_
             r.xclaim(STREAM, GROUP, f"dead-{n}", 0, [entry])
     r.set(counters.lock_key("worn"), "t-dead", px=50)
     parsed = parse(entry, [b"counter", b"worn", b"amount", b"5"])
-    call = counters.apply_call("worn", "t-dead", STREAM.encode(), [parsed], 60_000)
-    (raw,) = scripts.run(r, [call])
-    assert counters.parse_apply(raw).outcome is counters.Outcome.APPLIED
+    assert apply_events(r, "worn", "t-dead", [parsed]).outcome is counters.Outcome.APPLIED
     time.sleep(0.15)
     consumer = make_consumer(max_deliveries=3)
     turn_until(consumer, lambda: drained(r))

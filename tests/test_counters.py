@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from helpers import bookkeeping_keys
+from helpers import apply_events, bookkeeping_keys
 
 from worker import counters, deadletter, scripts
 from worker.counters import ApplyResult, Outcome, applied_key, lock_key, value_key
@@ -33,13 +33,15 @@ def take_lock(r: redis.Redis) -> str:
 
 
 def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS) -> ApplyResult:
-    (raw,) = scripts.run(r, [counters.apply_call(NAME, token, SRC, events, ttl_ms)])
-    return counters.parse_apply(raw)
+    return apply_events(r, NAME, token, events, ttl_ms, stream=SRC)
 
 
 def finish(r: redis.Redis, token: str, events: list[Event]) -> int:
-    (raw,) = scripts.run(r, [counters.finish_call(NAME, token, SRC, [e.entry_id for e in events])])
-    return int(raw)
+    (raw,) = scripts.run(
+        r, [counters.finish_call(SRC, [(NAME, token, [e.entry_id for e in events])])]
+    )
+    (reply,) = raw
+    return int(reply)
 
 
 def markers(r: redis.Redis) -> dict[bytes, float]:
@@ -221,14 +223,14 @@ def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis
     assert r.script_exists(counters.APPLY.sha) == [False]
     calls = [
         Call.command("INCR", "side"),
-        counters.apply_call(NAME, token, SRC, [ev(2, 3)], TTL_MS),
+        counters.apply_call(SRC, [counters.Group(NAME, token, [ev(2, 3)])], TTL_MS),
         Call.command("INCR", "side"),
-        counters.apply_call(NAME, token, SRC, [ev(3, 4)], TTL_MS),
-        counters.finish_call(NAME, token, SRC, [b"1-0", b"2-0", b"3-0"]),
+        counters.apply_call(SRC, [counters.Group(NAME, token, [ev(3, 4)])], TTL_MS),
+        counters.finish_call(SRC, [(NAME, token, [b"1-0", b"2-0", b"3-0"])]),
     ]
     results = scripts.run(r, calls)
-    assert [results[0], results[2], results[4]] == [1, 2, 1]  # finish ran after the applies
-    assert [counters.parse_apply(results[i]).outcome for i in (1, 3)] == [Outcome.APPLIED] * 2
+    assert [results[0], results[2], results[4]] == [1, 2, [1]]  # finish ran after the applies
+    assert [counters.parse_apply(results[i], 1)[0].outcome for i in (1, 3)] == [Outcome.APPLIED] * 2
     assert r.get("side") == b"2"  # each INCR ran exactly once
     assert r.get(V) == b"9"  # each apply ran exactly once
     assert r.exists(LOCK, APPLIED) == 0

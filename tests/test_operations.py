@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 import redis
-from helpers import GROUP, STREAM, push, push_random, values, wait_drained
+from helpers import GROUP, STREAM, apply_events, push, push_random, values, wait_drained
 
 from config import Settings
-from worker import counters, scripts
+from worker import counters
 from worker.connection import connect, ensure_group
 from worker.events import parse
 from worker.reclaim import Reclaimer
@@ -69,11 +69,10 @@ def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     day = 86_400_000
     first = parse(b"1-0", [b"counter", b"w", b"event_id", b"k1"])
     second = parse(b"2-0", [b"counter", b"w", b"event_id", b"k2"])
-    scripts.run(r, [counters.apply_call("w", "t", b"events", [first], day)])
-    scripts.run(r, [counters.apply_call("w", "t", b"events", [second], 1_000)])
+    apply_events(r, "w", "t", [first], day)
+    apply_events(r, "w", "t", [second], 1_000)
     assert r.pttl(counters.applied_key("w")) > day - 60_000
     time.sleep(1.1)  # the short-window marker is gone; the day-long one must not be
     retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
-    (raw,) = scripts.run(r, [counters.apply_call("w", "t", b"events", [retry], 1_000)])
-    assert counters.parse_apply(raw).outcome is counters.Outcome.ALREADY_APPLIED
+    assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Outcome.ALREADY_APPLIED
     assert values(r, {"w"}) == {"w": 2}

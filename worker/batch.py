@@ -120,13 +120,19 @@ class BatchApplier:
         names = list(groups)
         tokens, calls = self.locks.acquire_calls([counters.lock_key(n) for n in names])
         ids = [h[0].entry_id for n in names for h in groups[n]]
-        calls.append(stream.confirm_call(s.stream, s.group, s.consumer, ids))
+        count = len(ids) + 1000
+        calls.append(stream.confirm_call(s.stream, s.group, s.consumer, count))
         results = scripts.run(self.client, calls)
         confirmed = results.pop()
         if isinstance(confirmed, Exception):
             # The locks we just took expire by TTL; nothing was written.
             raise confirmed
-        pending = {bytes(i) for i in confirmed}
+        pending = {entry[0] for entry in confirmed}
+        if len(confirmed) == count:  # our pending list is longer: ask for the rest by id
+            missing = [i for i in ids if i not in pending]
+            if missing:
+                claim = stream.claim_call(s.stream, s.group, s.consumer, missing)
+                pending.update(scripts.command(self.client, *claim.args))
         held: dict[str, str] = {}
         busy: dict[str, list[Held]] = {}
         for name, token, result in zip(names, tokens, results, strict=True):
@@ -177,21 +183,19 @@ class BatchApplier:
 
         acked: dict[str, list[Held]] = defaultdict(list)
         while rounds:
-            calls = [
-                counters.apply_call(
-                    r.name,
-                    held[r.name],
-                    self.stream_key,
-                    [h[0] for h in r.items],
-                    ttl,
-                    probe=r.probe,
-                )
-                for r in rounds
-            ]
-            results = scripts.run(self.client, calls)
+            call = counters.apply_call(
+                self.stream_key,
+                [
+                    counters.Group(r.name, held[r.name], [h[0] for h in r.items], r.probe)
+                    for r in rounds
+                ],
+                ttl,
+            )
+            (raw,) = scripts.run(self.client, [call])
             next_rounds: list[Round] = []
-            for (name, items, probe), raw in zip(rounds, results, strict=True):
-                result = counters.parse_apply(raw)
+            for (name, items, probe), result in zip(
+                rounds, counters.parse_apply(raw, len(rounds)), strict=True
+            ):
                 if result.outcome is counters.Outcome.APPLIED:
                     acked[name] += items
                     outcome.applied += len(items)
@@ -241,13 +245,12 @@ class BatchApplier:
         the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
         ack_ids = [h[0].entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
-        calls += [
-            counters.finish_call(
-                n, held[n], self.stream_key, [h[0].entry_id for h in acked.get(n, ())]
-            )
-            for n in held
-        ]
+        releases = [(n, held[n], [h[0].entry_id for h in acked.get(n, ())]) for n in held]
+        calls.append(counters.finish_call(self.stream_key, releases))
         results = scripts.run(self.client, calls)
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        for (name, _, _), reply in zip(releases, results[-1], strict=True):
+            if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
+                self.log.warning("could not release a counter", counter=name, error=reply.decode())

@@ -16,9 +16,10 @@ one script can touch them all:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import redis
 
@@ -70,42 +71,57 @@ class ApplyResult:
     """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
 
 
-def apply_call(
-    name: str,
-    token: str,
-    stream: bytes,
-    events: Sequence[Event],
-    marker_ttl_ms: int,
-    *,
-    probe: bool = False,
-) -> Call:
-    """The script call that applies ``events`` (all of counter ``name``, read from
-    ``stream``) at once; with ``probe``, only asks which of them already have a marker."""
-    total: str | int = "" if probe else sum(e.delta for e in events)
-    args: list[str | bytes | int] = [token, marker_ttl_ms, total, entry_marker(stream, b"")]
-    args.append(len(events))
-    args += [e.entry_id for e in events]
-    for position, event in enumerate(events, 1):
-        if event.event_id is not None:
-            args += [position, event.event_id]
-    return Call.eval(APPLY, [value_key(name), lock_key(name), applied_key(name)], args)
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One counter's part of an apply call: its events, under the lock ``token``."""
+
+    name: str
+    token: str
+    events: Sequence[Event]
+    probe: bool = False
+    """Only ask which events already have a marker; write nothing."""
 
 
-def parse_apply(result: object) -> ApplyResult:
-    if isinstance(result, Exception):
-        return ApplyResult(Outcome.FAILED, error=str(result), transient=is_transient(result))
-    assert isinstance(result, list), result
-    code = int(result[0])
+def apply_call(stream: bytes, groups: Sequence[Group], marker_ttl_ms: int) -> Call:
+    """One script call that applies each group's events (read from ``stream``) to its
+    counter, every counter on its own (see counter_apply.lua)."""
+    keys: list[str] = []
+    args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b"")]
+    for group in groups:
+        events = group.events
+        keys += [value_key(group.name), lock_key(group.name), applied_key(group.name)]
+        total: str | int = "" if group.probe else sum(e.delta for e in events)
+        args += [group.token, total, len(events)]
+        args += [e.entry_id for e in events]
+        eids: list[bytes | int] = []
+        for position, event in enumerate(events, 1):
+            if event.event_id is not None:
+                eids += [position, event.event_id]
+        args.append(len(eids) // 2)
+        args += eids
+    return Call.eval(APPLY, keys, args)
+
+
+def parse_apply(raw: object, groups: int) -> list[ApplyResult]:
+    """One ApplyResult per group of the call (an error reply fails them all)."""
+    if isinstance(raw, Exception):
+        failed = ApplyResult(Outcome.FAILED, error=str(raw), transient=is_transient(raw))
+        return [failed] * groups
+    assert isinstance(raw, list), raw
+    return [_parse_one(reply) for reply in raw]
+
+
+def _parse_one(reply: list[Any]) -> ApplyResult:
+    code = int(reply[0])
     if code == 1:
         return ApplyResult(Outcome.APPLIED)
     if code == 0:
         return ApplyResult(Outcome.LOCK_LOST)
     if code == 2:
-        return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in result[1:]))
+        return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in reply[1:]))
     if code == 4:
         return ApplyResult(Outcome.NOT_APPLIED)
-    raw = result[1]
-    error = raw.decode() if isinstance(raw, bytes) else str(raw)
+    error = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
 
 
@@ -113,10 +129,15 @@ def fits_int64(total: int) -> bool:
     return INT64_MIN <= total <= INT64_MAX
 
 
-def finish_call(name: str, token: str, stream: bytes, acked_entries: Iterable[bytes]) -> Call:
-    """Clear the entry markers of acknowledged entries and release the lock (see the .lua)."""
-    args: list[str | bytes | int] = [token, entry_marker(stream, b""), *acked_entries]
-    return Call.eval(FINISH, [lock_key(name), applied_key(name)], args)
+def finish_call(stream: bytes, releases: Sequence[tuple[str, str, Sequence[bytes]]]) -> Call:
+    """Per (counter, token, acknowledged entry ids): clear those entries' markers and
+    release the lock, in one script call (see counter_finish.lua)."""
+    keys: list[str] = []
+    args: list[str | bytes | int] = [entry_marker(stream, b"")]
+    for name, token, acked in releases:
+        keys += [lock_key(name), applied_key(name)]
+        args += [token, len(acked), *acked]
+    return Call.eval(FINISH, keys, args)
 
 
 def read_values(client: redis.Redis, names: Sequence[str]) -> dict[str, int]:

@@ -1,26 +1,46 @@
--- After XACK: clear the entry markers of the acknowledged entries and release the lock.
+-- After XACK: clear the entry markers of the acknowledged entries and release the lock,
+-- for one or more counters (all in one cluster slot).
 --
--- KEYS[1] lock key, KEYS[2] applied-markers key; ARGV[1] token, ARGV[2] the entry marker
--- prefix 'x:<stream>|', ARGV[3..] the ids of the acknowledged entries.
+-- Per counter c, KEYS[2c-1] lock key, KEYS[2c] applied-markers key.
+-- ARGV[1] the entry marker prefix 'x:<stream>|', then per counter: token, n, id_1 .. id_n
+-- (the ids of its acknowledged entries).
+--
 -- Markers are cleared when the caller still holds the lock, or when nobody does: any
 -- replica that confirmed these entries pending before our XACK can no longer write (its
 -- token is gone for good), and anyone who locks later sees them acknowledged. While
 -- another replica holds the lock it may be about to apply them, so the markers stay (they
 -- expire by TTL, or that replica clears them after its own XACK).
--- Returns 1 released (ours), 2 lock was free (markers cleared), 0 someone else holds it.
-local holder = redis.call('GET', KEYS[1])
-local result = 2
-if holder == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  result = 1
-elseif holder then
-  return 0
-end
-if #ARGV > 2 then
-  local members = {}
-  for i = 3, #ARGV do
-    members[#members + 1] = ARGV[2] .. ARGV[i]
+-- Returns per counter: 1 released (ours), 2 lock was free (markers cleared), 0 someone
+-- else holds it (nothing done), or an error text if a key has the wrong type.
+local replies = {}
+local a = 2
+for c = 1, #KEYS / 2 do
+  local lkey, akey = KEYS[2 * c - 1], KEYS[2 * c]
+  local token, n = ARGV[a], tonumber(ARGV[a + 1])
+  local holder = redis.pcall('GET', lkey)
+  local reply
+  if type(holder) == 'table' and holder.err then
+    reply = holder.err
+  elseif holder and holder ~= token then
+    reply = 0
+  else
+    reply = 2
+    if holder then
+      redis.call('DEL', lkey)
+      reply = 1
+    end
+    if n > 0 then
+      local members = {}
+      for i = 1, n do
+        members[i] = ARGV[1] .. ARGV[a + 1 + i]
+      end
+      local removed = redis.pcall('ZREM', akey, unpack(members))
+      if type(removed) == 'table' and removed.err then
+        reply = removed.err
+      end
+    end
   end
-  redis.call('ZREM', KEYS[2], unpack(members))
+  replies[c] = reply
+  a = a + 2 + n
 end
-return result
+return replies
