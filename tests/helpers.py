@@ -113,7 +113,7 @@ def apply_events(
     stream: bytes = STREAM.encode(),
 ) -> counters.ApplyResult:
     """The apply script for one counter, as a replica that holds ``token`` would call it."""
-    call = counters.apply_call(stream, [counters.Group(name, token, events)], ttl_ms)
+    call = counters.apply_call(stream, token, [counters.Group(name, events)], ttl_ms)
     (raw,) = scripts.run(r, [call])
     (result,) = counters.parse_apply(raw, 1)
     return result

@@ -38,7 +38,7 @@ def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS)
 
 def finish(r: redis.Redis, token: str, events: list[Event]) -> int:
     (raw,) = scripts.run(
-        r, [counters.finish_call(SRC, [(NAME, token, [e.entry_id for e in events])])]
+        r, [counters.finish_call(SRC, token, [(NAME, [e.entry_id for e in events])])]
     )
     (reply,) = raw
     return int(reply)
@@ -223,10 +223,10 @@ def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis
     assert r.script_exists(counters.APPLY.sha) == [False]
     calls = [
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, [counters.Group(NAME, token, [ev(2, 3)])], TTL_MS),
+        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(2, 3)])], TTL_MS),
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, [counters.Group(NAME, token, [ev(3, 4)])], TTL_MS),
-        counters.finish_call(SRC, [(NAME, token, [b"1-0", b"2-0", b"3-0"])]),
+        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(3, 4)])], TTL_MS),
+        counters.finish_call(SRC, token, [(NAME, [b"1-0", b"2-0", b"3-0"])]),
     ]
     results = scripts.run(r, calls)
     assert [results[0], results[2], results[4]] == [1, 2, [1]]  # finish ran after the applies

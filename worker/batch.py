@@ -118,30 +118,28 @@ class BatchApplier:
         """One attempt for ``groups``; returns the groups whose lock was busy."""
         s = self.s
         names = list(groups)
-        tokens, calls = self.locks.acquire_calls([counters.lock_key(n) for n in names])
+        token = self.locks.tokens.next()
         ids = [h[0].entry_id for n in names for h in groups[n]]
         count = len(ids) + 1000
-        calls.append(stream.confirm_call(s.stream, s.group, s.consumer, count))
-        results = scripts.run(self.client, calls)
-        confirmed = results.pop()
-        if isinstance(confirmed, Exception):
-            # The locks we just took expire by TTL; nothing was written.
-            raise confirmed
+        taken, confirmed = scripts.run(
+            self.client,
+            [
+                self.locks.acquire_call([counters.lock_key(n) for n in names], token),
+                stream.confirm_call(s.stream, s.group, s.consumer, count),
+            ],
+        )
+        for reply in (taken, confirmed):
+            if isinstance(reply, Exception):
+                # Locks we may have taken expire by TTL; nothing was written.
+                raise reply
         pending = {entry[0] for entry in confirmed}
         if len(confirmed) == count:  # our pending list is longer: ask for the rest by id
             missing = [i for i in ids if i not in pending]
             if missing:
                 claim = stream.claim_call(s.stream, s.group, s.consumer, missing)
                 pending.update(scripts.command(self.client, *claim.args))
-        held: dict[str, str] = {}
-        busy: dict[str, list[Held]] = {}
-        for name, token, result in zip(names, tokens, results, strict=True):
-            if isinstance(result, Exception):
-                raise result
-            if result is True or result == b"OK":
-                held[name] = token
-            else:
-                busy[name] = groups[name]
+        held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
+        busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
         work = {n: [h for h in groups[n] if h[0].entry_id in pending] for n in held}
         dropped = [h[0].entry_id for n in held for h in groups[n] if h[0].entry_id not in pending]
         if dropped:
@@ -151,12 +149,12 @@ class BatchApplier:
                 count=len(dropped),
                 ids=[i.decode() for i in dropped[:10]],
             )
-        acked = self._apply(work, held, outcome)
-        self._ack_and_release(acked, held)
+        acked = self._apply(work, token, outcome)
+        self._ack_and_release(acked, held, token)
         return busy
 
     def _apply(
-        self, work: dict[str, list[Held]], held: dict[str, str], outcome: BatchOutcome
+        self, work: dict[str, list[Held]], token: str, outcome: BatchOutcome
     ) -> dict[str, list[Held]]:
         """Run the fenced apply script for every locked counter; return, per counter, the
         entries to acknowledge (applied now, or found already applied)."""
@@ -185,10 +183,8 @@ class BatchApplier:
         while rounds:
             call = counters.apply_call(
                 self.stream_key,
-                [
-                    counters.Group(r.name, held[r.name], [h[0] for h in r.items], r.probe)
-                    for r in rounds
-                ],
+                token,
+                [counters.Group(r.name, [h[0] for h in r.items], r.probe) for r in rounds],
                 ttl,
             )
             (raw,) = scripts.run(self.client, [call])
@@ -240,17 +236,17 @@ class BatchApplier:
             outcome.lost += extra  # their first occurrence is not done: retry them with it
         return acked
 
-    def _ack_and_release(self, acked: dict[str, list[Held]], held: dict[str, str]) -> None:
+    def _ack_and_release(self, acked: dict[str, list[Held]], held: list[str], token: str) -> None:
         """XACK, then per locked counter clear the acknowledged entries' markers and release
         the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
         ack_ids = [h[0].entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
-        releases = [(n, held[n], [h[0].entry_id for h in acked.get(n, ())]) for n in held]
-        calls.append(counters.finish_call(self.stream_key, releases))
+        releases = [(n, [h[0].entry_id for h in acked.get(n, ())]) for n in held]
+        calls.append(counters.finish_call(self.stream_key, token, releases))
         results = scripts.run(self.client, calls)
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        for (name, _, _), reply in zip(releases, results[-1], strict=True):
+        for (name, _), reply in zip(releases, results[-1], strict=True):
             if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())

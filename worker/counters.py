@@ -71,27 +71,26 @@ class ApplyResult:
     """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Group:
-    """One counter's part of an apply call: its events, under the lock ``token``."""
+    """One counter's part of an apply call: its events."""
 
     name: str
-    token: str
     events: Sequence[Event]
     probe: bool = False
     """Only ask which events already have a marker; write nothing."""
 
 
-def apply_call(stream: bytes, groups: Sequence[Group], marker_ttl_ms: int) -> Call:
+def apply_call(stream: bytes, token: str, groups: Sequence[Group], marker_ttl_ms: int) -> Call:
     """One script call that applies each group's events (read from ``stream``) to its
-    counter, every counter on its own (see counter_apply.lua)."""
+    counter, each counter on its own, fenced by ``token`` (see counter_apply.lua)."""
     keys: list[str] = []
-    args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b"")]
+    args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b""), token]
     for group in groups:
         events = group.events
         keys += [value_key(group.name), lock_key(group.name), applied_key(group.name)]
         total: str | int = "" if group.probe else sum(e.delta for e in events)
-        args += [group.token, total, len(events)]
+        args += [total, len(events)]
         args += [e.entry_id for e in events]
         eids: list[bytes | int] = []
         for position, event in enumerate(events, 1):
@@ -129,14 +128,14 @@ def fits_int64(total: int) -> bool:
     return INT64_MIN <= total <= INT64_MAX
 
 
-def finish_call(stream: bytes, releases: Sequence[tuple[str, str, Sequence[bytes]]]) -> Call:
-    """Per (counter, token, acknowledged entry ids): clear those entries' markers and
-    release the lock, in one script call (see counter_finish.lua)."""
+def finish_call(stream: bytes, token: str, releases: Sequence[tuple[str, Sequence[bytes]]]) -> Call:
+    """Per (counter, acknowledged entry ids): clear those entries' markers and release the
+    lock held with ``token``, in one script call (see counter_finish.lua)."""
     keys: list[str] = []
-    args: list[str | bytes | int] = [entry_marker(stream, b"")]
-    for name, token, acked in releases:
+    args: list[str | bytes | int] = [entry_marker(stream, b""), token]
+    for name, acked in releases:
         keys += [lock_key(name), applied_key(name)]
-        args += [token, len(acked), *acked]
+        args += [len(acked), *acked]
     return Call.eval(FINISH, keys, args)
 
 

@@ -1,8 +1,9 @@
 """A token lock per key: acquire with SET NX PX, release and extend by compare-and-act scripts.
 
-Every acquisition gets a fresh token that is never reused, so once a holder's lock has
-expired or been released its token can never become current again: a script that checks
-the token (release, extend, and the counter write in ``counters``) refuses a late holder.
+Every acquisition attempt gets a fresh token that is never reused (the locks taken in one
+attempt share it), so once a holder's lock has expired or been released its token can
+never become current again: a script that checks the token (release, extend, and the
+counter write in ``counters``) refuses a late holder.
 
 Nobody waits while holding a lock: ``try_acquire`` takes what is free in one round trip and
 reports the rest as busy; the caller finishes with what it holds, releases it, and only then
@@ -20,6 +21,7 @@ import redis
 from worker import scripts
 from worker.scripts import Call
 
+ACQUIRE = scripts.Script.load("lock_acquire")
 RELEASE = scripts.Script.load("lock_release")
 EXTEND = scripts.Script.load("lock_extend")
 
@@ -43,24 +45,17 @@ class Locks:
         self.ttl_ms = ttl_ms
         self.tokens = tokens or Tokens()
 
-    def acquire_calls(self, keys: Sequence[str]) -> tuple[list[str], list[Call]]:
-        """Tokens and SET NX PX calls for ``keys``, to send in a pipeline."""
-        tokens = [self.tokens.next() for _ in keys]
-        calls = [
-            Call.command("SET", key, token, "NX", "PX", self.ttl_ms)
-            for key, token in zip(keys, tokens, strict=True)
-        ]
-        return tokens, calls
+    def acquire_call(self, keys: Sequence[str], token: str) -> Call:
+        """SET NX PX of every key with ``token``, as one script call (see lock_acquire.lua);
+        its reply has 1 for each lock taken, 0 for each busy one."""
+        return Call.eval(ACQUIRE, keys, [token, self.ttl_ms])
 
     def try_acquire(self, keys: Sequence[str]) -> dict[str, str]:
         """Take every free lock among ``keys`` in one round trip; return key -> token."""
-        tokens, calls = self.acquire_calls(keys)
-        results = scripts.run(self.client, calls)
-        return {
-            key: token
-            for key, token, ok in zip(keys, tokens, results, strict=True)
-            if ok is True or ok == b"OK"
-        }
+        token = self.tokens.next()
+        taken = _one(self.client, self.acquire_call(keys, token))
+        assert isinstance(taken, list)
+        return {key: token for key, ok in zip(keys, taken, strict=True) if ok == 1}
 
     def release(self, key: str, token: str) -> bool:
         """Delete the lock only if ``token`` still holds it."""

@@ -4,8 +4,9 @@
 --
 -- Per counter c, KEYS[3c-2] value key, KEYS[3c-1] lock key, KEYS[3c] applied-markers key (a
 -- sorted set: member 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry in ms).
--- ARGV[1] marker TTL in ms, ARGV[2] the entry marker prefix 'x:<stream>|', then per counter:
---   token, total, n, id_1 .. id_n, k, (position, event_id) * k
+-- ARGV[1] marker TTL in ms, ARGV[2] the entry marker prefix 'x:<stream>|', ARGV[3] the lock
+-- token the caller holds every counter with, then per counter:
+--   total, n, id_1 .. id_n, k, (position, event_id) * k
 -- where total is the exact sum of the deltas (computed by the caller: Lua numbers are
 -- doubles), or '' to only probe which events already have a marker.
 --
@@ -21,12 +22,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[1])
 local prefix = ARGV[2]
+local token = ARGV[3]
 
 local function failed(reply)
   return type(reply) == 'table' and reply.err
 end
 
-local function apply(vkey, lkey, akey, token, total, ids, eids)
+local function apply(vkey, lkey, akey, total, ids, eids)
   local holder = redis.pcall('GET', lkey)
   if failed(holder) then
     return {3, holder.err}
@@ -81,20 +83,20 @@ local function apply(vkey, lkey, akey, token, total, ids, eids)
 end
 
 local replies = {}
-local a = 3
+local a = 4
 for c = 1, #KEYS / 3 do
-  local token, total, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local total, n = ARGV[a], tonumber(ARGV[a + 1])
   local ids = {}
   for i = 1, n do
-    ids[i] = ARGV[a + 2 + i]
+    ids[i] = ARGV[a + 1 + i]
   end
-  a = a + 3 + n
+  a = a + 2 + n
   local k = tonumber(ARGV[a])
   local eids = {}
   for j = 1, k do
     eids[j] = {tonumber(ARGV[a + 2 * j - 1]), ARGV[a + 2 * j]}
   end
   a = a + 1 + 2 * k
-  replies[c] = apply(KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c], token, total, ids, eids)
+  replies[c] = apply(KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c], total, ids, eids)
 end
 return replies

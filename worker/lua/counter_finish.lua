@@ -2,8 +2,8 @@
 -- for one or more counters (all in one cluster slot).
 --
 -- Per counter c, KEYS[2c-1] lock key, KEYS[2c] applied-markers key.
--- ARGV[1] the entry marker prefix 'x:<stream>|', then per counter: token, n, id_1 .. id_n
--- (the ids of its acknowledged entries).
+-- ARGV[1] the entry marker prefix 'x:<stream>|', ARGV[2] the caller's lock token, then per
+-- counter: n, id_1 .. id_n (the ids of its acknowledged entries).
 --
 -- Markers are cleared when the caller still holds the lock, or when nobody does: any
 -- replica that confirmed these entries pending before our XACK can no longer write (its
@@ -13,10 +13,11 @@
 -- Returns per counter: 1 released (ours), 2 lock was free (markers cleared), 0 someone
 -- else holds it (nothing done), or an error text if a key has the wrong type.
 local replies = {}
-local a = 2
+local token = ARGV[2]
+local a = 3
 for c = 1, #KEYS / 2 do
   local lkey, akey = KEYS[2 * c - 1], KEYS[2 * c]
-  local token, n = ARGV[a], tonumber(ARGV[a + 1])
+  local n = tonumber(ARGV[a])
   local holder = redis.pcall('GET', lkey)
   local reply
   if type(holder) == 'table' and holder.err then
@@ -32,7 +33,7 @@ for c = 1, #KEYS / 2 do
     if n > 0 then
       local members = {}
       for i = 1, n do
-        members[i] = ARGV[1] .. ARGV[a + 1 + i]
+        members[i] = ARGV[1] .. ARGV[a + i]
       end
       local removed = redis.pcall('ZREM', akey, unpack(members))
       if type(removed) == 'table' and removed.err then
@@ -41,6 +42,6 @@ for c = 1, #KEYS / 2 do
     end
   end
   replies[c] = reply
-  a = a + 2 + n
+  a = a + 1 + n
 end
 return replies
