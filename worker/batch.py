@@ -62,6 +62,8 @@ class BatchOutcome:
     duplicates: int = 0
     refused: str = ""
     """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
+    lock_wait_ms: float = 0.0
+    """Time spent waiting (holding no lock) for busy counters."""
 
 
 class Round(NamedTuple):
@@ -106,6 +108,7 @@ class BatchApplier:
             if delay is None:
                 break
             time.sleep(delay)
+            outcome.lock_wait_ms += delay * 1000
         for items in waiting.values():
             outcome.busy.extend(items)
         self.stats.applied += outcome.applied

@@ -178,6 +178,7 @@ class Consumer:
                 rejected=len(rejected),
                 failed=len(outcome.failed),
                 deferred=len(self._deferred),
+                lock_wait_ms=round(outcome.lock_wait_ms, 2),
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
 

@@ -46,18 +46,28 @@ local function apply(vkey, lkey, akey, total, ids, eids)
     members[#members + 1] = 'k:' .. pair[2]
     owner[#members] = pair[1]
   end
-  local pruned = redis.pcall('ZREMRANGEBYSCORE', akey, '-inf', now)
-  if failed(pruned) then
-    return {3, pruned.err}
+  local scores = redis.pcall('ZMSCORE', akey, unpack(members))
+  if failed(scores) then
+    return {3, scores.err}
   end
-  local scores = redis.call('ZMSCORE', akey, unpack(members))
   local seen = {}
   local skipped = {2}
+  local stale = false
   for j = 1, #members do
-    if scores[j] and not seen[owner[j]] then
-      seen[owner[j]] = true
-      skipped[#skipped + 1] = owner[j]
+    local score = scores[j]
+    if score then
+      if tonumber(score) <= now then
+        stale = true -- expired: as if absent
+      elseif not seen[owner[j]] then
+        seen[owner[j]] = true
+        skipped[#skipped + 1] = owner[j]
+      end
     end
+  end
+  -- Expired markers are removed when met, and now and then anyway (bounded memory for a
+  -- busy counter whose key never expires); an idle key expires as a whole.
+  if stale or now % 32 == 0 then
+    redis.call('ZREMRANGEBYSCORE', akey, '-inf', now)
   end
   if #skipped > 1 then
     return skipped
@@ -77,8 +87,9 @@ local function apply(vkey, lkey, akey, total, ids, eids)
   redis.call('ZADD', akey, unpack(zargs))
   -- The key lives as long as its longest-lived marker: a replica with a shorter window
   -- must not cut the life of markers written with a longer one.
-  local last = redis.call('ZRANGE', akey, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', akey, last[2])
+  if redis.call('PEXPIRETIME', akey) < expires then
+    redis.call('PEXPIREAT', akey, expires)
+  end
   return {1}
 end
 
