@@ -32,9 +32,6 @@ from worker.events import Event
 from worker.lock import Locks
 from worker.scripts import Call
 
-Held = tuple[Event, int]
-"""An event in hand, with its delivery count."""
-
 
 @dataclass(slots=True)
 class Stats:
@@ -52,11 +49,11 @@ class Stats:
 
 @dataclass(slots=True)
 class BatchOutcome:
-    lost: list[Held] = field(default_factory=list)
+    lost: list[Event] = field(default_factory=list)
     """Not written because the lock was lost (or Redis refused for now): retry them."""
-    failed: list[tuple[Held, str]] = field(default_factory=list)
+    failed: list[tuple[Event, str]] = field(default_factory=list)
     """The write failed for these entries: (entry, Redis' error). They stay pending."""
-    busy: list[Held] = field(default_factory=list)
+    busy: list[Event] = field(default_factory=list)
     """Their counter's lock stayed busy for LOCK_WAIT_MS."""
     applied: int = 0
     duplicates: int = 0
@@ -70,7 +67,7 @@ class Round(NamedTuple):
     """One apply (or probe) script call: events of one counter."""
 
     name: str
-    items: list[Held]
+    items: list[Event]
     probe: bool
 
 
@@ -91,12 +88,12 @@ class BatchApplier:
         self.locks = Locks(client, settings.lock_ttl_ms)
         self.stream_key = settings.stream.encode()
 
-    def apply_all(self, held: list[Held]) -> BatchOutcome:
+    def apply_all(self, held: list[Event]) -> BatchOutcome:
         """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
         only while holding nothing."""
-        waiting: dict[str, list[Held]] = defaultdict(list)
+        waiting: dict[str, list[Event]] = defaultdict(list)
         for h in held:
-            waiting[h[0].counter].append(h)
+            waiting[h.counter].append(h)
         outcome = BatchOutcome()
         delays: Iterator[float] = Backoff(self.s.lock_wait_ms).delays()
         while waiting:
@@ -116,13 +113,13 @@ class BatchApplier:
         return outcome
 
     def _lock_and_apply(
-        self, groups: dict[str, list[Held]], outcome: BatchOutcome
-    ) -> dict[str, list[Held]]:
+        self, groups: dict[str, list[Event]], outcome: BatchOutcome
+    ) -> dict[str, list[Event]]:
         """One attempt for ``groups``; returns the groups whose lock was busy."""
         s = self.s
         names = list(groups)
         token = self.locks.tokens.next()
-        ids = [h[0].entry_id for n in names for h in groups[n]]
+        ids = [h.entry_id for n in names for h in groups[n]]
         count = len(ids) + 1000
         taken, confirmed = scripts.run(
             self.client,
@@ -143,8 +140,8 @@ class BatchApplier:
                 pending.update(scripts.command(self.client, *claim.args))
         held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
         busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
-        work = {n: [h for h in groups[n] if h[0].entry_id in pending] for n in held}
-        dropped = [h[0].entry_id for n in held for h in groups[n] if h[0].entry_id not in pending]
+        work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
+        dropped = [h.entry_id for n in held for h in groups[n] if h.entry_id not in pending]
         if dropped:
             self.log.info(
                 "entries no longer pending were dropped: acknowledged by another replica, "
@@ -157,8 +154,8 @@ class BatchApplier:
         return busy
 
     def _apply(
-        self, work: dict[str, list[Held]], token: str, outcome: BatchOutcome
-    ) -> dict[str, list[Held]]:
+        self, work: dict[str, list[Event]], token: str, outcome: BatchOutcome
+    ) -> dict[str, list[Event]]:
         """Run the fenced apply script for every locked counter; return, per counter, the
         entries to acknowledge (applied now, or found already applied)."""
         ttl = self.s.dedupe_window_ms
@@ -166,28 +163,31 @@ class BatchApplier:
         # A repeated event_id inside the batch rides on its first occurrence. An entry
         # delivered more than MAX_DELIVERIES times is only probed: if it was applied (its
         # replica died before the XACK) it is acknowledged, else it is dead-lettered.
-        followers: dict[bytes, list[Held]] = defaultdict(list)
+        followers: dict[bytes, list[Event]] = defaultdict(list)
         rounds: list[Round] = []
         for name, items in work.items():
+            if all(e.event_id is None and e.deliveries <= most for e in items):
+                rounds.append(Round(name, items, False))  # the common case
+                continue
             first_of: dict[bytes, bytes] = {}
-            candidates: list[Held] = []
-            worn: list[Held] = []
+            candidates: list[Event] = []
+            worn: list[Event] = []
             for h in items:
-                key = h[0].event_id
+                key = h.event_id
                 if key is not None and key in first_of:
                     followers[first_of[key]].append(h)
                     continue
                 if key is not None:
-                    first_of[key] = h[0].entry_id
-                (worn if h[1] > most else candidates).append(h)
+                    first_of[key] = h.entry_id
+                (worn if h.deliveries > most else candidates).append(h)
             rounds += [Round(name, group, group is worn) for group in (candidates, worn) if group]
 
-        acked: dict[str, list[Held]] = defaultdict(list)
+        acked: dict[str, list[Event]] = defaultdict(list)
         while rounds:
             call = counters.apply_call(
                 self.stream_key,
                 token,
-                [counters.Group(r.name, [h[0] for h in r.items], r.probe) for r in rounds],
+                [counters.Group(r.name, r.items, r.probe) for r in rounds],
                 ttl,
             )
             (raw,) = scripts.run(self.client, [call])
@@ -215,7 +215,7 @@ class BatchApplier:
                         next_rounds.append(Round(name, rest, probe))
                 elif result.outcome is counters.Outcome.NOT_APPLIED:
                     outcome.failed += [
-                        (h, f"delivered {h[1]} times, more than MAX_DELIVERIES={most}")
+                        (h, f"delivered {h.deliveries} times, more than MAX_DELIVERIES={most}")
                         for h in items
                     ]
                 elif result.transient:
@@ -232,19 +232,19 @@ class BatchApplier:
 
         for items in list(acked.values()):
             for h in list(items):
-                extra = followers.pop(h[0].entry_id, [])
+                extra = followers.pop(h.entry_id, [])
                 items += extra
                 outcome.duplicates += len(extra)
         for extra in followers.values():
             outcome.lost += extra  # their first occurrence is not done: retry them with it
         return acked
 
-    def _ack_and_release(self, acked: dict[str, list[Held]], held: list[str], token: str) -> None:
+    def _ack_and_release(self, acked: dict[str, list[Event]], held: list[str], token: str) -> None:
         """XACK, then per locked counter clear the acknowledged entries' markers and release
         the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
-        ack_ids = [h[0].entry_id for items in acked.values() for h in items]
+        ack_ids = [h.entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
-        releases = [(n, [h[0].entry_id for h in acked.get(n, ())]) for n in held]
+        releases = [(n, [h.entry_id for h in acked.get(n, ())]) for n in held]
         calls.append(counters.finish_call(self.stream_key, token, releases))
         results = scripts.run(self.client, calls)
         for result in results:

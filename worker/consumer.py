@@ -28,10 +28,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import BatchApplier, BatchOutcome, Held, Stats
+from worker.batch import BatchApplier, BatchOutcome, Stats
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import GroupDeleted, InvalidEvent
+from worker.events import Event
 from worker.reclaim import Reclaimer
 from worker.stream import Delivery
 
@@ -53,7 +54,7 @@ class Consumer:
         )
         self.stats = Stats()
         self.applier = BatchApplier(client, settings, log, self.stats, stopping)
-        self._deferred: list[Held] = []
+        self._deferred: list[Event] = []
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
@@ -111,7 +112,7 @@ class Consumer:
                     "removed idle consumers with nothing pending from the group",
                     consumers=[c.decode(errors="replace") for c in result.pruned],
                 )
-            in_hand = {h[0].entry_id for h in self._deferred}
+            in_hand = {h.entry_id for h in self._deferred}
             claimed = [d for d in result.claimed if d.entry_id not in in_hand]
             if claimed:
                 self.stats.reclaimed += len(claimed)
@@ -140,7 +141,7 @@ class Consumer:
 
     def process(self, batch: list[Delivery]) -> None:
         started = time.perf_counter()
-        valid: list[Held] = self._deferred
+        valid: list[Event] = self._deferred
         self._deferred = []
         rejected: list[Rejected] = []
         for item in batch:
@@ -152,7 +153,9 @@ class Consumer:
                 )
             else:  # valid entries delivered too often are probed, then dead-lettered (batch)
                 try:
-                    valid.append((events.parse(item.entry_id, item.fields), item.deliveries))
+                    event = events.parse(item.entry_id, item.fields)
+                    event.deliveries = item.deliveries
+                    valid.append(event)
                 except InvalidEvent as exc:
                     rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
         self._dead_letter(rejected)
@@ -182,14 +185,14 @@ class Consumer:
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
 
-    def _after_failures(self, failed: list[tuple[Held, str]]) -> None:
+    def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
         """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its
         MAX_DELIVERIES-th delivery on it is dead-lettered, with Redis' error as the reason."""
         if not failed:
             return
         final: list[Rejected] = []
-        for (event, deliveries), error in failed:
-            if deliveries >= self.s.max_deliveries:
+        for event, error in failed:
+            if event.deliveries >= self.s.max_deliveries:
                 fields = self._original_fields(event.entry_id)
                 final.append(Rejected(event.entry_id, fields, error))
                 continue
@@ -197,7 +200,7 @@ class Consumer:
                 "counter write failed; entry left pending for a retry",
                 counter=event.counter,
                 entry_id=event.entry_id.decode(),
-                deliveries=deliveries,
+                deliveries=event.deliveries,
                 error=error,
             )
         self._dead_letter(final)

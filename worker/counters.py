@@ -110,12 +110,16 @@ def parse_apply(raw: object, groups: int) -> list[ApplyResult]:
     return [_parse_one(reply) for reply in raw]
 
 
+_APPLIED = ApplyResult(Outcome.APPLIED)
+_LOCK_LOST = ApplyResult(Outcome.LOCK_LOST)
+
+
 def _parse_one(reply: list[Any]) -> ApplyResult:
-    code = int(reply[0])
+    code = reply[0]
     if code == 1:
-        return ApplyResult(Outcome.APPLIED)
+        return _APPLIED
     if code == 0:
-        return ApplyResult(Outcome.LOCK_LOST)
+        return _LOCK_LOST
     if code == 2:
         return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in reply[1:]))
     if code == 4:

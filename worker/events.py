@@ -26,6 +26,8 @@ class Event:
     delta: int
     """Signed: +amount for incr, -amount for decr."""
     event_id: bytes | None
+    deliveries: int = 1
+    """How many times the stream delivered this entry (set by the consumer)."""
 
 
 def parse(entry_id: bytes, flat: list[bytes]) -> Event:

@@ -28,7 +28,8 @@ local function failed(reply)
   return type(reply) == 'table' and reply.err
 end
 
-local function apply(vkey, lkey, akey, total, ids, eids)
+-- ids are ARGV[first .. first+n-1]; event_id pairs start at ARGV[efirst] (k of them)
+local function apply(vkey, lkey, akey, total, first, n, efirst, k)
   local holder = redis.pcall('GET', lkey)
   if failed(holder) then
     return {3, holder.err}
@@ -38,13 +39,13 @@ local function apply(vkey, lkey, akey, total, ids, eids)
   end
   local members = {}
   local owner = {}
-  for i = 1, #ids do
-    members[i] = prefix .. ids[i]
+  for i = 1, n do
+    members[i] = prefix .. ARGV[first + i - 1]
     owner[i] = i
   end
-  for _, pair in ipairs(eids) do
-    members[#members + 1] = 'k:' .. pair[2]
-    owner[#members] = pair[1]
+  for j = 0, k - 1 do
+    members[n + 1 + j] = 'k:' .. ARGV[efirst + 2 * j + 1]
+    owner[n + 1 + j] = tonumber(ARGV[efirst + 2 * j])
   end
   local scores = redis.pcall('ZMSCORE', akey, unpack(members))
   if failed(scores) then
@@ -87,8 +88,8 @@ local function apply(vkey, lkey, akey, total, ids, eids)
   redis.call('ZADD', akey, unpack(zargs))
   -- The key lives as long as its longest-lived marker: a replica with a shorter window
   -- must not cut the life of markers written with a longer one.
-  if redis.call('PEXPIRETIME', akey) < expires then
-    redis.call('PEXPIREAT', akey, expires)
+  if redis.call('PEXPIREAT', akey, expires, 'NX') == 0 then
+    redis.call('PEXPIREAT', akey, expires, 'GT')
   end
   return {1}
 end
@@ -97,17 +98,8 @@ local replies = {}
 local a = 4
 for c = 1, #KEYS / 3 do
   local total, n = ARGV[a], tonumber(ARGV[a + 1])
-  local ids = {}
-  for i = 1, n do
-    ids[i] = ARGV[a + 1 + i]
-  end
-  a = a + 2 + n
-  local k = tonumber(ARGV[a])
-  local eids = {}
-  for j = 1, k do
-    eids[j] = {tonumber(ARGV[a + 2 * j - 1]), ARGV[a + 2 * j]}
-  end
-  a = a + 1 + 2 * k
-  replies[c] = apply(KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c], total, ids, eids)
+  local k = tonumber(ARGV[a + 2 + n])
+  replies[c] = apply(KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c], total, a + 2, n, a + 3 + n, k)
+  a = a + 3 + n + 2 * k
 end
 return replies
