@@ -27,6 +27,7 @@ from worker.connection import connect, ensure_group
 from worker.consumer import Consumer
 from worker.events import parse
 from worker.logs import configure
+from worker.stream import Delivery
 
 MakeConsumer = Callable[..., Consumer]
 
@@ -352,3 +353,16 @@ def test_busy_lock_with_zero_lock_wait_does_not_spin_on_redis(
     commands = int(r.info("stats")["total_commands_processed"]) - before
     assert values(r, {"held"}) == {"held": 0}
     assert commands < 400, f"{commands} commands in 1 s over {turns} turns: spinning"
+
+
+def test_entry_handed_to_a_batch_twice_is_counted_once(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    entry = push(r, "twice", 3)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
+    consumer = make_consumer(claim_idle_ms=600_000)
+    fields = [b"counter", b"twice", b"amount", b"3"]
+    consumer.process([Delivery(entry, fields, 1), Delivery(entry, fields, 2)])
+    assert values(r, {"twice"}) == {"twice": 3}
+    assert drained(r)

@@ -144,7 +144,11 @@ class Consumer:
         valid: list[Event] = self._deferred
         self._deferred = []
         rejected: list[Rejected] = []
+        in_hand = {e.entry_id for e in valid}
         for item in batch:
+            if item.entry_id in in_hand:
+                continue  # already in hand (claimed and read again): once is enough
+            in_hand.add(item.entry_id)
             if item.fields is None:
                 rejected.append(
                     Rejected(
