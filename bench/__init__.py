@@ -1,0 +1,1 @@
+"""Benchmark of stream-counter against its baselines (``python -m bench.run``)."""
