@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 
+from worker import scripts
 from worker.backoff import Backoff, full_jitter, reconnect_delay
 from worker.lock import Locks, Tokens
 
@@ -211,3 +212,25 @@ def test_reconnect_delay_starts_small_and_grows() -> None:
     late = [reconnect_delay(20, rng) for _ in range(200)]
     assert max(first) <= 0.05
     assert sum(late) / len(late) > 1.5
+
+
+def test_replica_coming_back_to_a_busy_lock_leaves_it_to_the_one_waiting(
+    r: redis.Redis,
+) -> None:
+    locks = Locks(r, TTL_MS)
+
+    def attempt(me: str, token: str) -> int:
+        call = locks.acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
+        ((taken,),) = scripts.run(r, [call])
+        return int(taken)
+
+    assert attempt("A", "a-1") == 1
+    assert attempt("B", "b-1") == 0  # busy: B is now the waiter
+    assert r.get("k:next") == b"B"
+    assert 0 < r.pttl("k:next") <= 500
+    assert locks.release("k", "a-1")
+    assert attempt("A", "a-2") == 0  # free, but B has been waiting: A lets it have it
+    assert r.exists("k") == 0
+    assert attempt("B", "b-2") == 1  # B's turn; its claim is cleared
+    assert r.get("k") == b"b-2"
+    assert r.exists("k:next") == 0

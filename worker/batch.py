@@ -87,6 +87,7 @@ class BatchApplier:
         self.stopping = stopping
         self.locks = Locks(client, settings.lock_ttl_ms)
         self.stream_key = settings.stream.encode()
+        self._recent: set[str] = set()
 
     def apply_all(self, held: list[Event]) -> BatchOutcome:
         """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
@@ -95,7 +96,7 @@ class BatchApplier:
         for h in held:
             waiting[h.counter].append(h)
         outcome = BatchOutcome()
-        delays: Iterator[float] = Backoff(self.s.lock_wait_ms).delays()
+        delays: Iterator[float] = Backoff(self.s.lock_wait_ms, cap_ms=20).delays()
         while waiting:
             waiting = self._lock_and_apply(waiting, outcome)
             if not waiting:
@@ -117,14 +118,25 @@ class BatchApplier:
     ) -> dict[str, list[Event]]:
         """One attempt for ``groups``; returns the groups whose lock was busy."""
         s = self.s
-        names = list(groups)
+        # Counters we just had or wanted first: only those check for a waiting replica.
+        recent = self._recent
+        names = [n for n in groups if n in recent]
+        check = len(names)
+        names += [n for n in groups if n not in recent]
+        self._recent = set(names)
         token = self.locks.tokens.next()
         ids = [h.entry_id for n in names for h in groups[n]]
         count = len(ids) + 1000
         taken, confirmed = scripts.run(
             self.client,
             [
-                self.locks.acquire_call([counters.lock_key(n) for n in names], token),
+                self.locks.acquire_call(
+                    [counters.lock_key(n) for n in names],
+                    token,
+                    waiters=[counters.waiter_key(n) for n in names],
+                    me=s.consumer,
+                    check=check,
+                ),
                 stream.confirm_call(s.stream, s.group, s.consumer, count),
             ],
         )

@@ -170,7 +170,7 @@ class Consumer:
         if self._deferred and not progress:
             # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
             self._stalled += 1
-            sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.2, self._rng))
+            sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.05, self._rng))
         else:
             self._stalled = 0
         self._after_failures(outcome.failed)

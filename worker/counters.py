@@ -5,6 +5,7 @@ one script can touch them all:
 
     sc:{<name>}:v        the value (a Redis integer; a missing key reads as 0)
     sc:{<name>}:lock     the lock (see ``lock``)
+    sc:{<name>}:next     the replica waiting for the lock, if any (short-lived)
     sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
                            'x:<stream>|<entry id>'
                                            entry applied, not yet acknowledged; cleared
@@ -41,6 +42,10 @@ def value_key(name: str) -> str:
 
 def lock_key(name: str) -> str:
     return f"sc:{{{name}}}:lock"
+
+
+def waiter_key(name: str) -> str:
+    return f"sc:{{{name}}}:next"
 
 
 def applied_key(name: str) -> str:

@@ -22,6 +22,9 @@ from worker import scripts
 from worker.scripts import Call
 
 ACQUIRE = scripts.Script.load("lock_acquire")
+WAITER_TTL_MS = 500
+"""How long a waiter's claim on its turn lasts unless renewed (a dead waiter delays a lock
+by at most this long)."""
 RELEASE = scripts.Script.load("lock_release")
 EXTEND = scripts.Script.load("lock_extend")
 
@@ -45,10 +48,24 @@ class Locks:
         self.ttl_ms = ttl_ms
         self.tokens = tokens or Tokens()
 
-    def acquire_call(self, keys: Sequence[str], token: str) -> Call:
+    def acquire_call(
+        self,
+        keys: Sequence[str],
+        token: str,
+        *,
+        waiters: Sequence[str] = (),
+        me: str = "",
+        check: int = 0,
+    ) -> Call:
         """SET NX PX of every key with ``token``, as one script call (see lock_acquire.lua);
-        its reply has 1 for each lock taken, 0 for each busy one."""
-        return Call.eval(ACQUIRE, keys, [token, self.ttl_ms])
+        its reply has 1 for each lock taken, 0 for each busy one.
+
+        With ``waiters`` (one waiter key per lock key) callers take turns: a busy lock
+        records ``me`` as its waiter, and a free lock whose waiter is someone else is left
+        to them. Only the first ``check`` keys read their waiter key.
+        """
+        args: list[str | int] = [token, self.ttl_ms, len(keys), me, WAITER_TTL_MS, check]
+        return Call.eval(ACQUIRE, [*keys, *waiters], args)
 
     def try_acquire(self, keys: Sequence[str]) -> dict[str, str]:
         """Take every free lock among ``keys`` in one round trip; return key -> token."""

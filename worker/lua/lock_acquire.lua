@@ -1,8 +1,37 @@
--- Take every free lock among KEYS with one token (SET NX PX each), in one call.
--- ARGV[1] token (fresh for this attempt, never reused), ARGV[2] TTL in ms.
--- Returns, per key, 1 if taken, 0 if someone holds it (it is left untouched).
+-- Take every free lock among n lock keys with one token (SET NX PX each), in one call,
+-- taking turns on busy locks.
+--
+-- KEYS[1..n] lock keys; KEYS[n+1..2n] their waiter keys (optional: without them, plain
+-- SET NX). A caller that finds a lock busy writes its name in the lock's waiter key (if no
+-- one else waits); a caller that finds a lock free but another name waiting lets that one
+-- have it. So a replica that keeps coming back to a hot counter cannot take it again and
+-- again while another waits.
+-- ARGV[1] token (fresh for this attempt, never reused), ARGV[2] lock TTL in ms,
+-- ARGV[3] n, ARGV[4] the caller's name, ARGV[5] waiter TTL in ms, ARGV[6] m: only the first
+-- m locks check for a waiter (the ones the caller just had or wanted: a waiter can only be
+-- behind a lock that is in use, so others are skipped to save a read).
+-- Returns, per lock, 1 if taken, 0 if busy or left to a waiter.
+local n = tonumber(ARGV[3])
+local turns = #KEYS == 2 * n
+local me, m = ARGV[4], tonumber(ARGV[6])
 local taken = {}
-for i, key in ipairs(KEYS) do
-  taken[i] = redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+for i = 1, n do
+  local waiter = false
+  if turns and i <= m then
+    waiter = redis.call('GET', KEYS[n + i])
+  end
+  if waiter and waiter ~= me then
+    taken[i] = 0
+  elseif redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    taken[i] = 1
+    if waiter then
+      redis.call('DEL', KEYS[n + i])
+    end
+  else
+    taken[i] = 0
+    if turns then
+      redis.call('SET', KEYS[n + i], me, 'NX', 'PX', ARGV[5])
+    end
+  end
 end
 return taken
