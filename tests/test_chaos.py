@@ -47,6 +47,14 @@ def push_with_invalid(r: redis.Redis, n: int, every: int = 50) -> tuple[Counter[
     return expected, invalid
 
 
+def stop_cleanly(*workers: Any) -> None:
+    """SIGTERM: every worker finishes its turn and exits 0."""
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    for worker in workers:
+        assert worker.wait(10) == 0
+
+
 def assert_exact(
     r: redis.Redis, expected: Counter[str], invalid: frozenset[bytes] | set[bytes] = frozenset()
 ) -> None:
@@ -80,8 +88,7 @@ def test_exactly_once_when_a_replica_is_killed_at_a_protocol_step(
     survivor = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)
     assert_exact(r, expected, invalid)
-    survivor.signal(signal.SIGTERM)
-    assert survivor.wait(10) == 0
+    stop_cleanly(survivor)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -104,9 +111,7 @@ def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
         frozen.wait_for_log("write refused")
     time.sleep(1.0)  # let it finish its turn: acks and releases of a late replica
     assert_exact(r, expected)
-    for worker in (frozen, other):
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(10) == 0
+    stop_cleanly(frozen, other)
 
 
 def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_worker: Any) -> None:
@@ -130,8 +135,7 @@ def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_work
     assert_exact(r, expected)
     for worker in workers:
         assert "redis unavailable" in worker.log()
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(10) == 0
+    stop_cleanly(*workers)
 
 
 def test_producer_retries_with_the_same_event_id_are_counted_once(
@@ -147,9 +151,7 @@ def test_producer_retries_with_the_same_event_id_are_counted_once(
     wait_drained(r, 60)
     assert values(r, set(expected)) == dict(expected)
     assert dead_letters(r) == []
-    for worker in workers:
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(10) == 0
+    stop_cleanly(*workers)
 
 
 def test_exactly_once_while_replicas_are_killed_at_random(
@@ -189,8 +191,7 @@ def test_valid_events_are_kept_not_dead_lettered_while_redis_refuses_writes_for_
     wait_drained(r, 60)
     assert_exact(r, expected)  # nothing dead-lettered, nothing lost
     assert worker.log().count("redis unavailable; retrying") >= 3
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(10) == 0
+    stop_cleanly(worker)
 
 
 def test_connection_cuts_neither_lose_nor_dead_letter_valid_events(
@@ -208,5 +209,4 @@ def test_connection_cuts_neither_lose_nor_dead_letter_valid_events(
     assert_exact(r, expected)
     for worker in workers:
         assert "redis unavailable; retrying" in worker.log()
-        worker.signal(signal.SIGTERM)
-        assert worker.wait(10) == 0
+    stop_cleanly(*workers)
