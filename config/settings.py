@@ -112,12 +112,19 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _claim_after_lock(self) -> Settings:
+    def _consistent_times(self) -> Settings:
         if self.claim_idle_ms <= self.lock_ttl_ms:
             raise ValueError(
                 f"{ENV_PREFIX}CLAIM_IDLE_MS ({self.claim_idle_ms}) must be greater than "
                 f"{ENV_PREFIX}LOCK_TTL_MS ({self.lock_ttl_ms}): entries would be claimed away "
                 f"from a replica that still holds their lock"
+            )
+        if self.dedupe_window_ms < 10 * self.claim_idle_ms:
+            raise ValueError(
+                f"{ENV_PREFIX}DEDUPE_WINDOW_MS ({self.dedupe_window_ms}) must be at least 10 x "
+                f"{ENV_PREFIX}CLAIM_IDLE_MS ({self.claim_idle_ms}): the marker of an entry "
+                f"applied by a replica that died before acknowledging it must outlive the "
+                f"time it takes another replica to claim that entry"
             )
         return self
 

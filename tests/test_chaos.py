@@ -49,6 +49,8 @@ def push_with_invalid(r: redis.Redis, n: int, every: int = 50) -> tuple[Counter[
 
 def stop_cleanly(*workers: Any) -> None:
     """SIGTERM: every worker finishes its turn and exits 0."""
+    for worker in workers:  # a process still starting up has no handler yet
+        worker.wait_for_log('"starting"')
     for worker in workers:
         worker.signal(signal.SIGTERM)
     for worker in workers:

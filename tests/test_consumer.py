@@ -366,3 +366,23 @@ def test_entry_handed_to_a_batch_twice_is_counted_once(
     consumer.process([Delivery(entry, fields, 1), Delivery(entry, fields, 2)])
     assert values(r, {"twice"}) == {"twice": 3}
     assert drained(r)
+
+
+def test_entries_kept_in_hand_behind_a_busy_lock_are_not_claimed_away(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lock_key("hot"), "someone-else", px=10_000)
+    entry = push(r, "hot", 1)
+    consumer = make_consumer(claim_idle_ms=300, lock_ttl_ms=200, lock_wait_ms=20)
+    other = make_consumer(consumer="other", claim_idle_ms=300, lock_ttl_ms=200)
+    deadline = time.monotonic() + 1.0  # more than 3 x CLAIM_IDLE_MS in hand
+    while time.monotonic() < deadline:
+        consumer.step()
+        assert other.reclaimer.claim(10).claimed == []  # never idle long enough to claim
+    (info,) = r.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert info["message_id"] == entry
+    assert info["consumer"] == b"live"
+    assert info["times_delivered"] == 1  # no delivery counted while it waited
+    r.delete(counters.lock_key("hot"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 1}

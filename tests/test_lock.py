@@ -11,6 +11,7 @@ import redis
 from worker import scripts
 from worker.backoff import Backoff, full_jitter, reconnect_delay
 from worker.lock import Locks, Tokens
+from worker.scripts import Call
 
 TTL_MS = 10_000
 
@@ -234,3 +235,30 @@ def test_replica_coming_back_to_a_busy_lock_leaves_it_to_the_one_waiting(
     assert attempt("B", "b-2") == 1  # B's turn; its claim is cleared
     assert r.get("k") == b"b-2"
     assert r.exists("k:next") == 0
+
+
+def test_waiting_replica_renews_its_turn_while_the_lock_stays_busy(r: redis.Redis) -> None:
+    locks = Locks(r, TTL_MS)
+
+    def attempt(me: str, token: str) -> int:
+        call = locks.acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
+        ((taken,),) = scripts.run(r, [call])
+        return int(taken)
+
+    assert attempt("A", "a-1") == 1
+    assert attempt("B", "b-1") == 0
+    time.sleep(0.3)
+    assert attempt("C", "c-1") == 0  # a second waiter does not take B's place
+    assert attempt("B", "b-2") == 0  # B, still waiting, renews its place
+    assert r.get("k:next") == b"B"
+    assert r.pttl("k:next") > 400
+
+
+def test_locks_are_taken_before_a_later_read_in_the_same_pipeline_after_script_flush(
+    r: redis.Redis,
+) -> None:
+    locks = Locks(r, TTL_MS)
+    r.script_flush()  # as after a Redis restart
+    taken, seen = scripts.run(r, [locks.acquire_call(["k"], "t-1"), Call.command("GET", "k")])
+    assert taken == [1]
+    assert seen == b"t-1"  # the read ran after the lock was taken, as sent

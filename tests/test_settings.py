@@ -215,6 +215,18 @@ INVALID = [
         {"max_deliveries": "0"}, (), "STREAM_COUNTER_MAX_DELIVERIES", id="max-deliveries-0"
     ),
     pytest.param(
+        {"claim_idle_ms": "5000", "lock_ttl_ms": "10000"},
+        (),
+        "STREAM_COUNTER_CLAIM_IDLE_MS",
+        id="claim-idle-not-above-lock-ttl",
+    ),
+    pytest.param(
+        {"dedupe_window_ms": "60000"},
+        (),
+        "STREAM_COUNTER_DEDUPE_WINDOW_MS",
+        id="window-shorter-than-10-claim-idles",
+    ),
+    pytest.param(
         {"batch_size": "5"}, ("--batch-size", "1001"), "--batch-size", id="flag-beats-valid-env"
     ),
 ]

@@ -179,7 +179,7 @@ class BatchApplier:
         rounds: list[Round] = []
         for name, items in work.items():
             if all(e.event_id is None and e.deliveries <= most for e in items):
-                rounds.append(Round(name, items, False))  # the common case
+                rounds += _chunks(name, items, False)  # the common case
                 continue
             first_of: dict[bytes, bytes] = {}
             candidates: list[Event] = []
@@ -192,7 +192,8 @@ class BatchApplier:
                 if key is not None:
                     first_of[key] = h.entry_id
                 (worn if h.deliveries > most else candidates).append(h)
-            rounds += [Round(name, group, group is worn) for group in (candidates, worn) if group]
+            for group in (candidates, worn):
+                rounds += _chunks(name, group, group is worn)
 
         acked: dict[str, list[Event]] = defaultdict(list)
         while rounds:
@@ -265,3 +266,12 @@ class BatchApplier:
         for (name, _), reply in zip(releases, results[-1], strict=True):
             if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())
+
+
+MAX_ROUND = 1000
+"""Events of one counter in one script call: Lua unpacks at most ~8,000 values into one
+command, and a call's markers are 2 per event (entry id, event_id) plus their scores."""
+
+
+def _chunks(name: str, items: list[Event], probe: bool) -> list[Round]:
+    return [Round(name, items[i : i + MAX_ROUND], probe) for i in range(0, len(items), MAX_ROUND)]

@@ -60,6 +60,7 @@ class Consumer:
         self._connection_failures = 0
         self._stalled = 0
         self._rng = random.Random()
+        self._deferred_since: float | None = None
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Consumer:
         outcome = self.applier.apply_all(valid) if valid else BatchOutcome()
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
+        self._keep_deferred_ours()
         progress = outcome.applied + outcome.duplicates + len(rejected) + len(outcome.failed)
         if self._deferred and not progress:
             # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
@@ -188,6 +190,27 @@ class Consumer:
                 lock_wait_ms=round(outcome.lock_wait_ms, 2),
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
+
+    def _keep_deferred_ours(self) -> None:
+        """Entries kept in hand across turns (their lock stays busy) are not touched by
+        Redis meanwhile: before they look idle long enough for another replica to claim
+        them (and count a delivery), claim them to ourselves again (JUSTID: no delivery is
+        counted). Those no longer pending were finished by someone else: dropped."""
+        if not self._deferred:
+            self._deferred_since = None
+            return
+        now = time.monotonic()
+        if self._deferred_since is None:
+            self._deferred_since = now
+            return
+        if now - self._deferred_since < self.s.claim_idle_ms / 3000:
+            return
+        s = self.s
+        ids = [e.entry_id for e in self._deferred]
+        claim = stream.claim_call(s.stream, s.group, s.consumer, ids)
+        still = set(scripts.command(self.client, *claim.args))
+        self._deferred = [e for e in self._deferred if e.entry_id in still]
+        self._deferred_since = now
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
         """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its
@@ -236,6 +259,7 @@ class Consumer:
         """Forget what is in hand: it is still pending on the server, and ours; read our
         own pending list again from the start."""
         self._deferred = []
+        self._deferred_since = None
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
         self.reclaimer.restart()

@@ -1,8 +1,11 @@
-"""Lua scripts loaded once from ``worker/lua/*.lua`` and called by EVALSHA, in pipelines.
+"""Lua scripts read once from ``worker/lua/*.lua``, and pipelines of calls.
 
-A pipeline of calls runs in one round trip. If Redis lost its script cache (a restart, a
-SCRIPT FLUSH), the calls answered NOSCRIPT did not run: the scripts are loaded and only
-those calls are sent again, in their original order. Nothing that did run is repeated.
+Scripts are sent with EVAL, not EVALSHA: Redis compiles a script once and afterwards only
+hashes the body it receives (a few microseconds), and a script cache emptied by a restart
+or a SCRIPT FLUSH can never answer NOSCRIPT. That matters for order: the worker relies on
+Redis running a pipeline's calls in the order sent (take the locks, then confirm the
+entries; acknowledge, then clear the markers), and re-sending only the calls refused with
+NOSCRIPT would run them after the ones that followed them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 
 import redis
 from hiredis import pack_command
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 Arg = str | bytes | int
 
@@ -23,13 +26,14 @@ Arg = str | bytes | int
 @dataclass(frozen=True, slots=True)
 class Script:
     name: str
-    source: str
+    source: bytes
     sha: str
+    """The SHA1 Redis caches the script under (SCRIPT EXISTS)."""
 
     @classmethod
     def load(cls, name: str) -> Script:
-        source = resources.files("worker").joinpath("lua", f"{name}.lua").read_text("utf-8")
-        return cls(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+        source = resources.files("worker").joinpath("lua", f"{name}.lua").read_bytes()
+        return cls(name, source, hashlib.sha1(source, usedforsecurity=False).hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +61,7 @@ def run(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
     """
     if not calls:
         return []
-    results = _send(client, calls)
-    retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-    if retry:
-        for script in {id(calls[i].script): calls[i].script for i in retry}.values():
-            assert script is not None
-            client.script_load(script.source)
-        again = _send(client, [calls[i] for i in retry])
-        for i, result in zip(retry, again, strict=True):
-            results[i] = result
-    return results
+    return _send(client, calls)
 
 
 def command(client: redis.Redis, *args: Arg) -> Any:
@@ -82,7 +77,7 @@ def _pack(call: Call) -> bytes:
     if call.script is None:
         return bytes(pack_command(call.args))  # type: ignore[arg-type]
     script = call.script
-    args = ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+    args = ("EVAL", script.source, len(call.keys), *call.keys, *call.args)
     return bytes(pack_command(args))  # type: ignore[arg-type]
 
 

@@ -29,8 +29,11 @@ for i = 1, n do
     end
   else
     taken[i] = 0
-    if turns then
-      redis.call('SET', KEYS[n + i], me, 'NX', 'PX', ARGV[5])
+    if turns then -- queue up, or renew our place (another waiter keeps theirs)
+      local current = waiter or redis.call('GET', KEYS[n + i])
+      if not current or current == me then
+        redis.call('SET', KEYS[n + i], me, 'PX', ARGV[5])
+      end
     end
   end
 end
