@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -215,16 +216,18 @@ def test_reconnect_delay_starts_small_and_grows() -> None:
     assert sum(late) / len(late) > 1.5
 
 
+def take_turn(r: redis.Redis, me: str, token: str) -> int:
+    """One attempt at lock "k" with waiter key "k:next", as replica ``me``."""
+    call = Locks(r, TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
+    ((taken,),) = scripts.run(r, [call])
+    return int(taken)
+
+
 def test_replica_coming_back_to_a_busy_lock_leaves_it_to_the_one_waiting(
     r: redis.Redis,
 ) -> None:
     locks = Locks(r, TTL_MS)
-
-    def attempt(me: str, token: str) -> int:
-        call = locks.acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
-        ((taken,),) = scripts.run(r, [call])
-        return int(taken)
-
+    attempt = functools.partial(take_turn, r)
     assert attempt("A", "a-1") == 1
     assert attempt("B", "b-1") == 0  # busy: B is now the waiter
     assert r.get("k:next") == b"B"
@@ -238,13 +241,7 @@ def test_replica_coming_back_to_a_busy_lock_leaves_it_to_the_one_waiting(
 
 
 def test_waiting_replica_renews_its_turn_while_the_lock_stays_busy(r: redis.Redis) -> None:
-    locks = Locks(r, TTL_MS)
-
-    def attempt(me: str, token: str) -> int:
-        call = locks.acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
-        ((taken,),) = scripts.run(r, [call])
-        return int(taken)
-
+    attempt = functools.partial(take_turn, r)
     assert attempt("A", "a-1") == 1
     assert attempt("B", "b-1") == 0
     time.sleep(0.3)

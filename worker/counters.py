@@ -32,9 +32,6 @@ from worker.scripts import Call
 APPLY = scripts.Script.load("counter_apply")
 FINISH = scripts.Script.load("counter_finish")
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-
 
 def value_key(name: str) -> str:
     return f"sc:{{{name}}}:v"
@@ -131,10 +128,6 @@ def _parse_one(reply: list[Any]) -> ApplyResult:
         return ApplyResult(Outcome.NOT_APPLIED)
     error = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
-
-
-def fits_int64(total: int) -> bool:
-    return INT64_MIN <= total <= INT64_MAX
 
 
 def finish_call(stream: bytes, token: str, releases: Sequence[tuple[str, Sequence[bytes]]]) -> Call:
