@@ -1,13 +1,16 @@
 """One batch through the fenced exactly-once protocol: lock + confirm, apply, ack + release.
 
-1. lock +   one pipeline: SET NX PX per counter, then XCLAIM ... JUSTID of the batch's ids.
-   confirm  Redis runs them in order, so for every lock we got, the ids it returns were
-            still pending *after* we held the lock; the others were finished by someone else.
-2. apply    one fenced script per locked counter (pipelined): check the token, skip entries
-            that already have a marker, INCRBY the exact sum, add markers. If the sum fails
-            (overflow), each entry is tried on its own so that the ones that fit still count.
-3. ack +    one pipeline: XACK everything applied or skipped, then per counter a script that
-   release  clears those entries' markers and releases the lock if the token still holds it.
+1. lock +   one pipeline: a script that takes every counter's lock (SET NX PX, one fresh
+   confirm  token for the attempt; replicas take turns on busy locks), then XPENDING of this
+            consumer's pending list. Redis runs them in order, so for every lock we got,
+            the entries listed were still pending *after* we held the lock; the others
+            were finished by someone else (or deleted) and are dropped.
+2. apply    one script for all locked counters, each on its own: check the token, skip
+            entries that already have a marker, INCRBY the exact sum, add markers. If a
+            sum fails (overflow), each of its entries is tried on its own so that the ones
+            that fit still count.
+3. ack +    one pipeline: XACK everything applied or skipped, then a script that clears
+   release  those entries' markers and releases each lock if the token still holds it.
 
 Busy counters are retried after the held ones are released (nobody waits while holding a
 lock), with bounded exponential backoff and jitter; what is still busy when LOCK_WAIT_MS is
