@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     group: str = Field("stream-counter", min_length=1)
     consumer: str = Field(default_factory=default_consumer_name, min_length=1)
     dead_letter_stream: str | None = None
-    batch_size: int = Field(256, ge=1, le=1000)
+    batch_size: int = Field(1000, ge=1, le=1000)
     block_ms: int = Field(1000, ge=1, le=60_000)
     claim_idle_ms: int = Field(30_000, ge=10)
     max_deliveries: int = Field(5, ge=1)

@@ -109,7 +109,7 @@ def test_defaults_without_any_environment_variable() -> None:
     assert s.group == "stream-counter"
     assert s.dead_letter_stream is None
     assert s.dead_letter == "events:dead"
-    assert s.batch_size == 256
+    assert s.batch_size == 1000
     assert s.block_ms == 1000
     assert s.claim_idle_ms == 30_000
     assert s.max_deliveries == 5
