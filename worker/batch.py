@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
 import redis
 import structlog
@@ -31,6 +30,7 @@ import structlog
 from config import Settings
 from worker import counters, scripts, stream
 from worker.backoff import Backoff
+from worker.counters import Group
 from worker.events import Event
 from worker.lock import Locks
 from worker.scripts import Call
@@ -64,14 +64,6 @@ class BatchOutcome:
     """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
     lock_wait_ms: float = 0.0
     """Time spent waiting (holding no lock) for busy counters."""
-
-
-class Round(NamedTuple):
-    """One apply (or probe) script call: events of one counter."""
-
-    name: str
-    items: list[Event]
-    probe: bool
 
 
 class BatchApplier:
@@ -179,8 +171,11 @@ class BatchApplier:
         # delivered more than MAX_DELIVERIES times is only probed: if it was applied (its
         # replica died before the XACK) it is acknowledged, else it is dead-lettered.
         followers: dict[bytes, list[Event]] = defaultdict(list)
-        rounds: list[Round] = []
+        rounds: list[Group] = []
         for name, items in work.items():
+            if len(items) == 1 and items[0].deliveries <= most:
+                rounds.append(Group(name, items))  # the common case with many counters
+                continue
             if all(e.event_id is None and e.deliveries <= most for e in items):
                 rounds += _chunks(name, items, False)  # the common case
                 continue
@@ -200,14 +195,9 @@ class BatchApplier:
 
         acked: dict[str, list[Event]] = defaultdict(list)
         while rounds:
-            call = counters.apply_call(
-                self.stream_key,
-                token,
-                [counters.Group(r.name, r.items, r.probe) for r in rounds],
-                ttl,
-            )
+            call = counters.apply_call(self.stream_key, token, rounds, ttl)
             (raw,) = scripts.run(self.client, [call])
-            next_rounds: list[Round] = []
+            next_rounds: list[Group] = []
             for (name, items, probe), result in zip(
                 rounds, counters.parse_apply(raw, len(rounds)), strict=True
             ):
@@ -228,7 +218,7 @@ class BatchApplier:
                     outcome.duplicates += len(skipped)
                     rest = [h for i, h in enumerate(items) if i not in skipped]
                     if rest:
-                        next_rounds.append(Round(name, rest, probe))
+                        next_rounds.append(Group(name, rest, probe))
                 elif result.outcome is counters.Outcome.NOT_APPLIED:
                     outcome.failed += [
                         (h, f"delivered {h.deliveries} times, more than MAX_DELIVERIES={most}")
@@ -243,7 +233,7 @@ class BatchApplier:
                     self.stats.write_failures += 1
                     outcome.failed.append((items[0], result.error))
                 else:  # the sum failed: try each entry on its own
-                    next_rounds += [Round(name, [h], probe) for h in items]
+                    next_rounds += [Group(name, [h], probe) for h in items]
             rounds = next_rounds
 
         for items in list(acked.values()):
@@ -276,5 +266,5 @@ MAX_ROUND = 1000
 command, and a call's markers are 2 per event (entry id, event_id) plus their scores."""
 
 
-def _chunks(name: str, items: list[Event], probe: bool) -> list[Round]:
-    return [Round(name, items[i : i + MAX_ROUND], probe) for i in range(0, len(items), MAX_ROUND)]
+def _chunks(name: str, items: list[Event], probe: bool) -> list[Group]:
+    return [Group(name, items[i : i + MAX_ROUND], probe) for i in range(0, len(items), MAX_ROUND)]

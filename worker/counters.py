@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -73,12 +73,11 @@ class ApplyResult:
     """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
 
 
-@dataclass(slots=True)
-class Group:
+class Group(NamedTuple):
     """One counter's part of an apply call: its events."""
 
     name: str
-    events: Sequence[Event]
+    events: list[Event]
     probe: bool = False
     """Only ask which events already have a marker; write nothing."""
 
@@ -88,19 +87,27 @@ def apply_call(stream: bytes, token: str, groups: Sequence[Group], marker_ttl_ms
     counter, each counter on its own, fenced by ``token`` (see counter_apply.lua)."""
     keys: list[str] = []
     args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b""), token]
+    add_keys, add_args = keys.extend, args.extend
     for group in groups:
-        events = group.events
-        keys += [value_key(group.name), lock_key(group.name), applied_key(group.name)]
-        total: str | int = "" if group.probe else sum(e.delta for e in events)
-        args += [total, len(events)]
-        args += [e.entry_id for e in events]
+        name, events = group.name, group.events
+        add_keys((value_key(name), lock_key(name), applied_key(name)))
+        if len(events) == 1:  # the common case with many counters: no loops, no lists
+            event = events[0]
+            total = "" if group.probe else event.delta
+            if event.event_id is None:
+                add_args((total, 1, event.entry_id, 0))
+            else:
+                add_args((total, 1, event.entry_id, 1, 1, event.event_id))
+            continue
+        add_args(("" if group.probe else sum(e.delta for e in events), len(events)))
+        add_args([e.entry_id for e in events])
         eids: list[bytes | int] = []
         for position, event in enumerate(events, 1):
             if event.event_id is not None:
-                eids += [position, event.event_id]
+                eids += (position, event.event_id)
         args.append(len(eids) // 2)
-        args += eids
-    return Call.eval(APPLY, keys, args)
+        add_args(eids)
+    return Call(APPLY, tuple(args), tuple(keys))
 
 
 def parse_apply(raw: object, groups: int) -> list[ApplyResult]:
