@@ -142,9 +142,9 @@ class BatchApplier:
         pending = {entry[0] for entry in confirmed}
         if len(confirmed) == count:  # our pending list is longer: ask for the rest by id
             missing = [i for i in ids if i not in pending]
-            if missing:
-                claim = stream.claim_call(s.stream, s.group, s.consumer, missing)
-                pending.update(scripts.command(self.client, *claim.args))
+            pending |= stream.claim_still_pending(
+                self.client, s.stream, s.group, s.consumer, missing
+            )
         held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
         busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
         work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}

@@ -207,34 +207,27 @@ class Consumer:
             return
         s = self.s
         ids = [e.entry_id for e in self._deferred]
-        claim = stream.claim_call(s.stream, s.group, s.consumer, ids)
-        still = set(scripts.command(self.client, *claim.args))
+        still = stream.claim_still_pending(self.client, s.stream, s.group, s.consumer, ids)
         self._deferred = [e for e in self._deferred if e.entry_id in still]
         self._deferred_since = now
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
         """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its
         MAX_DELIVERIES-th delivery on it is dead-lettered, with Redis' error as the reason."""
-        if not failed:
-            return
-        final: list[Rejected] = []
+        most = self.s.max_deliveries
         for event, error in failed:
-            if event.deliveries >= self.s.max_deliveries:
-                fields = self._original_fields(event.entry_id)
-                final.append(Rejected(event.entry_id, fields, error))
-                continue
-            self.log.warning(
-                "counter write failed; entry left pending for a retry",
-                counter=event.counter,
-                entry_id=event.entry_id.decode(),
-                deliveries=event.deliveries,
-                error=error,
-            )
-        self._dead_letter(final)
-
-    def _original_fields(self, entry_id: bytes) -> list[bytes]:
-        raw = scripts.command(self.client, "XRANGE", self.s.stream, entry_id, entry_id)
-        return [bytes(f) for f in raw[0][1]] if raw else []
+            if event.deliveries < most:
+                self.log.warning(
+                    "counter write failed; entry left pending for a retry",
+                    counter=event.counter,
+                    entry_id=event.entry_id.decode(),
+                    deliveries=event.deliveries,
+                    error=error,
+                )
+        last = [(event, error) for event, error in failed if event.deliveries >= most]
+        if last:
+            fields = stream.fetch_fields(self.client, self.s.stream, [e.entry_id for e, _ in last])
+            self._dead_letter([Rejected(e.entry_id, fields[e.entry_id] or [], r) for e, r in last])
 
     def _dead_letter(self, rejected: list[Rejected]) -> None:
         if not rejected:

@@ -68,16 +68,21 @@ def refetch_own_pending(
     """
     start = b"-" if after == b"0-0" else b"(" + after
     pending = scripts.command(client, "XPENDING", stream, group, start, "+", count, consumer)
-    ids = [bytes(p[0]) for p in pending]
-    counts = {bytes(p[0]): int(p[3]) for p in pending}
-    found = scripts.run(client, [Call.command("XRANGE", stream, i, i) for i in ids])
-    batch = []
-    for entry_id, reply in zip(ids, found, strict=True):
+    fields = fetch_fields(client, stream, [p[0] for p in pending])
+    return [Delivery(p[0], fields[p[0]], int(p[3])) for p in pending]
+
+
+def fetch_fields(
+    client: redis.Redis, stream: str, ids: Sequence[bytes]
+) -> dict[bytes, list[bytes] | None]:
+    """The fields of each entry (None if it was deleted), one pipelined XRANGE per id."""
+    replies = scripts.run(client, [Call.command("XRANGE", stream, i, i) for i in ids])
+    found: dict[bytes, list[bytes] | None] = {}
+    for entry_id, reply in zip(ids, replies, strict=True):
         if isinstance(reply, Exception):
             raise reply
-        fields = list(reply[0][1]) if reply else None
-        batch.append(Delivery(entry_id, fields, counts[entry_id]))
-    return batch
+        found[entry_id] = reply[0][1] if reply else None
+    return found
 
 
 def delivery_counts(
@@ -104,7 +109,11 @@ def confirm_call(stream: str, group: str, consumer: str, count: int) -> Call:
     return Call.command("XPENDING", stream, group, "-", "+", count, consumer)
 
 
-def claim_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
-    """XCLAIM ... 0 ids JUSTID: which of ``ids`` are still pending (now ours); JUSTID does
-    not count a delivery."""
-    return Call.command("XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+def claim_still_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+) -> set[bytes]:
+    """XCLAIM ... 0 ids JUSTID: which of ``ids`` are still pending, now ours with their idle
+    time reset; JUSTID does not count a delivery."""
+    if not ids:
+        return set()
+    return set(scripts.command(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID"))
