@@ -121,18 +121,20 @@ def parse_apply(raw: object, groups: int) -> list[ApplyResult]:
 
 _APPLIED = ApplyResult(Outcome.APPLIED)
 _LOCK_LOST = ApplyResult(Outcome.LOCK_LOST)
+_NOT_APPLIED = ApplyResult(Outcome.NOT_APPLIED)
 
 
-def _parse_one(reply: list[Any]) -> ApplyResult:
-    code = reply[0]
-    if code == 1:
+def _parse_one(reply: int | list[Any]) -> ApplyResult:
+    if reply == 1:  # the common replies are plain integers, the rare ones lists
         return _APPLIED
-    if code == 0:
+    if reply == 0:
         return _LOCK_LOST
+    if reply == 4:
+        return _NOT_APPLIED
+    assert isinstance(reply, list), reply
+    code = reply[0]
     if code == 2:
         return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in reply[1:]))
-    if code == 4:
-        return ApplyResult(Outcome.NOT_APPLIED)
     error = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
     return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
 

@@ -11,13 +11,13 @@
 -- doubles), or '' to only probe which events already have a marker.
 --
 -- Returns one reply per counter:
---   {0}                 the caller does not hold the lock: nothing written (fencing)
---   {1}                 applied: INCRBY done, markers added
+--   0                   the caller does not hold the lock: nothing written (fencing)
+--   1                   applied: INCRBY done, markers added
 --   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
 --                       the caller drops them and calls again with the rest and their sum
 --   {3, error}          a command failed (non-integer value, overflow, wrong key type):
 --                       nothing written for this counter
---   {4}                 probe: none of the events has a marker; nothing written
+--   4                   probe: none of the events has a marker; nothing written
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[1])
@@ -35,7 +35,7 @@ local function apply(vkey, lkey, akey, total, first, n, efirst, k)
     return {3, holder.err}
   end
   if holder ~= token then
-    return {0}
+    return 0
   end
   local members = {}
   local owner = {}
@@ -74,7 +74,7 @@ local function apply(vkey, lkey, akey, total, first, n, efirst, k)
     return skipped
   end
   if total == '' then
-    return {4}
+    return 4
   end
   local value = redis.pcall('INCRBY', vkey, total)
   if failed(value) then
@@ -91,7 +91,42 @@ local function apply(vkey, lkey, akey, total, first, n, efirst, k)
   if redis.call('PEXPIREAT', akey, expires, 'NX') == 0 then
     redis.call('PEXPIREAT', akey, expires, 'GT')
   end
-  return {1}
+  return 1
+end
+
+-- The common case with many counters: one event, no event_id. The same steps as apply()
+-- without its tables.
+local function apply_one(vkey, lkey, akey, total, id)
+  local holder = redis.pcall('GET', lkey)
+  if failed(holder) then
+    return {3, holder.err}
+  end
+  if holder ~= token then
+    return 0
+  end
+  local member = prefix .. id
+  local score = redis.pcall('ZSCORE', akey, member)
+  if failed(score) then
+    return {3, score.err}
+  end
+  if score and tonumber(score) > now then
+    return {2, 1}
+  end
+  if score or now % 32 == 0 then
+    redis.call('ZREMRANGEBYSCORE', akey, '-inf', now)
+  end
+  if total == '' then
+    return 4
+  end
+  local value = redis.pcall('INCRBY', vkey, total)
+  if failed(value) then
+    return {3, value.err}
+  end
+  redis.call('ZADD', akey, expires, member)
+  if redis.call('PEXPIREAT', akey, expires, 'NX') == 0 then
+    redis.call('PEXPIREAT', akey, expires, 'GT')
+  end
+  return 1
 end
 
 local replies = {}
@@ -99,7 +134,12 @@ local a = 4
 for c = 1, #KEYS / 3 do
   local total, n = ARGV[a], tonumber(ARGV[a + 1])
   local k = tonumber(ARGV[a + 2 + n])
-  replies[c] = apply(KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c], total, a + 2, n, a + 3 + n, k)
+  local v, l, m = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
+  if n == 1 and k == 0 then
+    replies[c] = apply_one(v, l, m, total, ARGV[a + 2])
+  else
+    replies[c] = apply(v, l, m, total, a + 2, n, a + 3 + n, k)
+  end
   a = a + 3 + n + 2 * k
 end
 return replies

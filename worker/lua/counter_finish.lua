@@ -31,11 +31,16 @@ for c = 1, #KEYS / 2 do
       reply = 1
     end
     if n > 0 then
-      local members = {}
-      for i = 1, n do
-        members[i] = ARGV[1] .. ARGV[a + i]
+      local removed
+      if n == 1 then
+        removed = redis.pcall('ZREM', akey, ARGV[1] .. ARGV[a + 1])
+      else
+        local members = {}
+        for i = 1, n do
+          members[i] = ARGV[1] .. ARGV[a + i]
+        end
+        removed = redis.pcall('ZREM', akey, unpack(members))
       end
-      local removed = redis.pcall('ZREM', akey, unpack(members))
       if type(removed) == 'table' and removed.err then
         reply = removed.err
       end
