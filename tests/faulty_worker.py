@@ -1,11 +1,14 @@
 """``stream-counter`` with a fault injected at one step of the protocol (tests only).
 
-FAULT_STEP    which step: lock_and_apply | apply | ack_and_release | dead_letter
-FAULT_WHEN    before | after (the step)
-FAULT_NTH     on the n-th call of that step (default 1)
+FAULT_STEP    the round trip that carries this step: lock | apply | ack_release | dead_letter
+              (in the back-to-back flow an ack_release round also carries the next batch's
+              lock and read)
+FAULT_WHEN    before (it is sent) | after (its replies are read)
+FAULT_NTH     on the n-th round trip carrying that step (default 1)
 FAULT_ACTION  kill (SIGKILL self) | stop (SIGSTOP self: the test resumes us with SIGCONT)
 
-Only this process's own code is patched; Redis is real and decides everything.
+Only this process's own code is patched, at the one place every round trip goes through
+(``worker.scripts.Pipe``); Redis is real and decides everything.
 """
 
 from __future__ import annotations
@@ -13,16 +16,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from worker import batch, cli, consumer
-
-STEPS: dict[str, tuple[type, str]] = {
-    "lock_and_apply": (batch.BatchApplier, "_lock_and_apply"),
-    "apply": (batch.BatchApplier, "_apply"),
-    "ack_and_release": (batch.BatchApplier, "_ack_and_release"),
-    "dead_letter": (consumer.Consumer, "_dead_letter"),
-}
+from worker import cli
+from worker.scripts import Pipe, Round
 
 
 def inject() -> None:
@@ -30,29 +29,35 @@ def inject() -> None:
     when = os.environ.get("FAULT_WHEN", "before")
     nth = int(os.environ.get("FAULT_NTH", "1"))
     sig = signal.SIGKILL if os.environ.get("FAULT_ACTION", "kill") == "kill" else signal.SIGSTOP
-    owner, name = STEPS[step]
-    original = getattr(owner, name)
-    calls = 0
+    send, recv = Pipe.send, Pipe.recv
+    seen = 0
+    armed: deque[bool] = deque()  # per unanswered send: fault after its replies?
 
     def fault() -> None:
         sys.stdout.write(f'{{"event": "fault injected", "step": "{step}", "when": "{when}"}}\n')
         sys.stdout.flush()
         os.kill(os.getpid(), sig)
 
-    def patched(self: Any, *args: Any) -> Any:
-        nonlocal calls
-        # dead_letter is called with an empty list on every batch: count real calls only
-        if step == "dead_letter" and not args[0]:
-            return original(self, *args)
-        calls += 1
-        if calls == nth and when == "before":
+    def patched_send(self: Pipe, rounds: Sequence[Round]) -> None:
+        nonlocal seen
+        hit = False
+        if any(r.step == step for r in rounds):
+            seen += 1
+            hit = seen == nth
+        if hit and when == "before":
             fault()
-        result = original(self, *args)
-        if calls == nth and when == "after":
-            fault()
-        return result
+        send(self, rounds)
+        armed.append(hit and when == "after")
 
-    setattr(owner, name, patched)
+    def patched_recv(self: Pipe) -> Any:
+        hit = armed.popleft()
+        replies = recv(self)
+        if hit:
+            fault()
+        return replies
+
+    Pipe.send = patched_send  # type: ignore[method-assign]
+    Pipe.recv = patched_recv  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -69,10 +69,11 @@ def assert_exact(
 @pytest.mark.parametrize(
     ("step", "when"),
     [
+        ("lock", "after"),  # locked and confirmed (and the next batch read), nothing written
         ("apply", "before"),  # locked and confirmed, nothing written
         ("apply", "after"),  # counters written, entries not acknowledged
-        ("ack_and_release", "before"),  # same point, seen from the ack side
-        ("ack_and_release", "after"),  # acknowledged and released
+        ("ack_release", "before"),  # same point, seen from the ack side
+        ("ack_release", "after"),  # acknowledged and released
         ("dead_letter", "before"),  # about to dead-letter
         ("dead_letter", "after"),  # dead-lettered and acknowledged
     ],

@@ -15,25 +15,34 @@
 Busy counters are retried after the held ones are released (nobody waits while holding a
 lock), with bounded exponential backoff and jitter; what is still busy when LOCK_WAIT_MS is
 used up goes back to the caller, to keep in hand for its next turn.
+
+``attempt`` is the protocol for one attempt, written as a generator of round trips: it
+yields each step's calls (a ``Round``) and receives their replies. ``apply_all`` drives it
+one round trip at a time; ``worker.flow`` drives two batches at once, sending one batch's
+ack + release in the same round trip as the next one's lock + confirm.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import redis
 import structlog
 
 from config import Settings
-from worker import counters, scripts, stream
+from worker import counters, stream
 from worker.backoff import Backoff
 from worker.counters import Group
 from worker.events import Event
 from worker.lock import Locks
-from worker.scripts import Call
+from worker.scripts import Call, Pipe, Round
+
+Attempt = Generator[Round, list[Any], dict[str, list[Event]]]
+"""One attempt: yields rounds, receives their replies, returns the groups whose lock was busy."""
 
 
 @dataclass(slots=True)
@@ -74,8 +83,10 @@ class BatchApplier:
         log: structlog.typing.FilteringBoundLogger,
         stats: Stats,
         stopping: Callable[[], bool],
+        pipe: Pipe,
     ) -> None:
         self.client = client
+        self.pipe = pipe
         self.s = settings
         self.log = log
         self.stats = stats
@@ -93,7 +104,7 @@ class BatchApplier:
         outcome = BatchOutcome()
         delays: Iterator[float] = Backoff(self.s.lock_wait_ms, cap_ms=20).delays()
         while waiting:
-            waiting = self._lock_and_apply(waiting, outcome)
+            waiting = self.run(self.attempt(waiting, outcome))
             if not waiting:
                 break
             self.stats.lock_busy += len(waiting)
@@ -102,16 +113,36 @@ class BatchApplier:
                 break
             time.sleep(delay)
             outcome.lock_wait_ms += delay * 1000
-        for items in waiting.values():
+        self.settle(waiting, outcome)
+        return outcome
+
+    def settle(self, busy: dict[str, list[Event]], outcome: BatchOutcome) -> None:
+        """The batch is done: what is still busy goes back to the caller; count the rest."""
+        for items in busy.values():
             outcome.busy.extend(items)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
-        return outcome
 
-    def _lock_and_apply(
-        self, groups: dict[str, list[Event]], outcome: BatchOutcome
-    ) -> dict[str, list[Event]]:
-        """One attempt for ``groups``; returns the groups whose lock was busy."""
+    def run(self, attempt: Attempt) -> dict[str, list[Event]]:
+        """Drive ``attempt`` one round trip at a time."""
+        try:
+            step = next(attempt)
+            while True:
+                self.pipe.send([step])
+                if step.meanwhile is not None:
+                    step.meanwhile()
+                step = attempt.send(self.pipe.recv()[0])
+        except StopIteration as done:
+            busy: dict[str, list[Event]] = done.value
+            return busy
+
+    def attempt(self, groups: dict[str, list[Event]], outcome: BatchOutcome) -> Attempt:
+        """One attempt for ``groups``: lock + confirm, apply, ack + release (see the top).
+
+        While Redis runs a round trip, the calls of the next one are prepared as if all goes
+        well (every lock taken, every entry confirmed, every write done), and used when it
+        did: this process and Redis then work at the same time.
+        """
         s = self.s
         # Counters we just had or wanted first: only those check for a waiting replica.
         recent = self._recent
@@ -122,54 +153,71 @@ class BatchApplier:
         token = self.locks.tokens.next()
         ids = [h.entry_id for n in names for h in groups[n]]
         count = len(ids) + 1000
-        taken, confirmed = scripts.run(
-            self.client,
-            [
-                self.locks.acquire_call(
-                    [counters.lock_key(n) for n in names],
-                    token,
-                    waiters=[counters.waiter_key(n) for n in names],
-                    me=s.consumer,
-                    check=check,
-                ),
-                stream.confirm_call(s.stream, s.group, s.consumer, count),
-            ],
+        lock = self.locks.acquire_call(
+            [counters.lock_key(n) for n in names],
+            token,
+            waiters=[counters.waiter_key(n) for n in names],
+            me=s.consumer,
+            check=check,
+        )
+        confirm = stream.confirm_call(s.stream, s.group, s.consumer, count)
+        guess: list[Plan] = []
+        taken, confirmed = yield Round(
+            "lock", [lock, confirm], lambda: guess.append(self._plan(groups, token))
         )
         for reply in (taken, confirmed):
             if isinstance(reply, Exception):
                 # Locks we may have taken expire by TTL; nothing was written.
                 raise reply
         pending = {entry[0] for entry in confirmed}
-        if len(confirmed) == count:  # our pending list is longer: ask for the rest by id
-            missing = [i for i in ids if i not in pending]
-            pending |= stream.claim_still_pending(
-                self.client, s.stream, s.group, s.consumer, missing
+        missing = [i for i in ids if i not in pending]
+        if missing and len(confirmed) == count:  # our pending list is longer: ask by id
+            (claimed,) = yield Round(
+                "confirm", [stream.claim_call(s.stream, s.group, s.consumer, missing)]
             )
-        held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
-        busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
-        work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
-        dropped = [h.entry_id for n in held for h in groups[n] if h.entry_id not in pending]
-        if dropped:
-            self.log.info(
-                "entries no longer pending were dropped: acknowledged by another replica, "
-                "or deleted from the stream",
-                count=len(dropped),
-                ids=[i.decode() for i in dropped[:10]],
-            )
-        acked = self._apply(work, token, outcome)
-        self._ack_and_release(acked, held, token)
+            if isinstance(claimed, Exception):
+                raise claimed
+            pending.update(claimed)
+            missing = [i for i in missing if i not in pending]
+        if taken.count(1) == len(taken):
+            held, busy = names, {}
+        else:
+            held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
+            busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
+        if not missing and not busy and guess:
+            work, plan = groups, guess[0]
+        else:
+            work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
+            work = {n: items for n, items in work.items() if items}
+            plan = self._plan(work, token)
+            dropped = [h.entry_id for n in held for h in groups[n] if h.entry_id not in pending]
+            if dropped:
+                self.log.info(
+                    "entries no longer pending were dropped: acknowledged by another replica, "
+                    "or deleted from the stream",
+                    count=len(dropped),
+                    ids=[i.decode() for i in dropped[:10]],
+                )
+        ready: list[Round] = []
+        acked = yield from self._apply(
+            work, plan, token, outcome, lambda: ready.append(self._ack_release(work, held, token))
+        )
+        step = ready[0] if acked is work and ready else self._ack_release(acked, held, token)
+        results = yield step
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        for name, reply in zip(held, results[-1], strict=True):
+            if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
+                self.log.warning("could not release a counter", counter=name, error=reply.decode())
         return busy
 
-    def _apply(
-        self, work: dict[str, list[Event]], token: str, outcome: BatchOutcome
-    ) -> dict[str, list[Event]]:
-        """Run the fenced apply script for every locked counter; return, per counter, the
-        entries to acknowledge (applied now, or found already applied)."""
-        ttl = self.s.dedupe_window_ms
+    def _plan(self, work: dict[str, list[Event]], token: str) -> Plan:
+        """The first apply call for ``work``. A repeated event_id inside the batch rides on
+        its first occurrence (a follower). An entry delivered more than MAX_DELIVERIES
+        times is only probed: if it was applied (its replica died before the XACK) it is
+        acknowledged, else it is dead-lettered."""
         most = self.s.max_deliveries
-        # A repeated event_id inside the batch rides on its first occurrence. An entry
-        # delivered more than MAX_DELIVERIES times is only probed: if it was applied (its
-        # replica died before the XACK) it is acknowledged, else it is dead-lettered.
         followers: dict[bytes, list[Event]] = defaultdict(list)
         rounds: list[Group] = []
         for name, items in work.items():
@@ -192,11 +240,30 @@ class BatchApplier:
                 (worn if h.deliveries > most else candidates).append(h)
             for group in (candidates, worn):
                 rounds += _chunks(name, group, group is worn)
+        call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms)
+        return Plan(rounds, followers, call.packed())
 
+    def _apply(
+        self,
+        work: dict[str, list[Event]],
+        plan: Plan,
+        token: str,
+        outcome: BatchOutcome,
+        meanwhile: Callable[[], None],
+    ) -> Generator[Round, list[Any], dict[str, list[Event]]]:
+        """Run the fenced apply script for every locked counter; return, per counter, the
+        entries to acknowledge (applied now, or found already applied). When every write of
+        the first call is done as planned, that is the work itself (the same object)."""
+        most = self.s.max_deliveries
+        rounds, followers, call = plan
         acked: dict[str, list[Event]] = defaultdict(list)
+        first = True
         while rounds:
-            call = counters.apply_call(self.stream_key, token, rounds, ttl)
-            (raw,) = scripts.run(self.client, [call])
+            (raw,) = yield Round("apply", [call], meanwhile if first else None)
+            if first and not followers and isinstance(raw, list) and raw.count(1) == len(raw):
+                outcome.applied += sum(len(g.events) for g in rounds)
+                return work  # every write done as planned: acknowledge all of the work
+            first = False
             next_rounds: list[Group] = []
             for (name, items, probe), result in zip(
                 rounds, counters.parse_apply(raw, len(rounds)), strict=True
@@ -235,6 +302,8 @@ class BatchApplier:
                 else:  # the sum failed: try each entry on its own
                     next_rounds += [Group(name, [h], probe) for h in items]
             rounds = next_rounds
+            if rounds:
+                call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms)
 
         for items in list(acked.values()):
             for h in list(items):
@@ -245,20 +314,20 @@ class BatchApplier:
             outcome.lost += extra  # their first occurrence is not done: retry them with it
         return acked
 
-    def _ack_and_release(self, acked: dict[str, list[Event]], held: list[str], token: str) -> None:
+    def _ack_release(self, acked: dict[str, list[Event]], held: list[str], token: str) -> Round:
         """XACK, then per locked counter clear the acknowledged entries' markers and release
-        the lock, in one pipeline (Redis runs it in order: markers go only after the XACK)."""
+        the lock, in one round trip (Redis runs it in order: markers go only after the XACK)."""
         ack_ids = [h.entry_id for items in acked.values() for h in items]
         calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
         releases = [(n, [h.entry_id for h in acked.get(n, ())]) for n in held]
-        calls.append(counters.finish_call(self.stream_key, token, releases))
-        results = scripts.run(self.client, calls)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        for (name, _), reply in zip(releases, results[-1], strict=True):
-            if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
-                self.log.warning("could not release a counter", counter=name, error=reply.decode())
+        calls.append(counters.finish_call(self.stream_key, token, releases).packed())
+        return Round("ack_release", calls)
+
+
+class Plan(NamedTuple):
+    rounds: list[Group]
+    followers: dict[bytes, list[Event]]
+    call: Call
 
 
 MAX_ROUND = 1000

@@ -28,12 +28,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import BatchApplier, BatchOutcome, Stats
+from worker.batch import BatchApplier, Stats
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import GroupDeleted, InvalidEvent
 from worker.events import Event
+from worker.flow import Flow, Job
 from worker.reclaim import Reclaimer
+from worker.scripts import Pipe
 from worker.stream import Delivery
 
 
@@ -53,7 +55,19 @@ class Consumer:
             client, settings.stream, settings.group, settings.consumer, settings.claim_idle_ms
         )
         self.stats = Stats()
-        self.applier = BatchApplier(client, settings, log, self.stats, stopping)
+        self.pipe = Pipe(client)
+        self.applier = BatchApplier(client, settings, log, self.stats, stopping, self.pipe)
+        self.flow = Flow(
+            self.pipe,
+            self.applier,
+            stream.read_call(
+                settings.stream, settings.group, settings.consumer, settings.batch_size, None
+            ),
+            self.prepare,
+            self.conclude,
+            keep_reading=lambda: not self.stopping() and not self.reclaimer.due(),
+            clean=lambda: not self._deferred,
+        )
         self._deferred: list[Event] = []
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
@@ -98,7 +112,8 @@ class Consumer:
 
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
-        room = self.s.batch_size - len(self._deferred)
+        s = self.s
+        room = s.batch_size - len(self._deferred)
         # Our own pending list first (after a start or an error): XAUTOCLAIM would count
         # our own entries as redelivered.
         if self._backlog is None and self.reclaimer.due() and room > 0:
@@ -120,6 +135,13 @@ class Consumer:
                 self.log.info("claimed idle entries", count=len(claimed))
                 self.process(claimed)
                 room = self.s.batch_size - len(self._deferred)
+        if room > 0 and self._backlog is None and not self._deferred:
+            # The common case: new entries, nothing kept in hand. Batches back to back.
+            batch = stream.read_new(self.client, s.stream, s.group, s.consumer, room, s.block_ms)
+            refused = self.flow.run(batch) if batch else ""
+            if refused:
+                raise ResponseError(refused)
+            return
         self.process(self._read(room) if room > 0 else [])
 
     def _read(self, room: int) -> list[Delivery]:
@@ -141,10 +163,21 @@ class Consumer:
     # -- one batch -----------------------------------------------------------------------
 
     def process(self, batch: list[Delivery]) -> None:
-        started = time.perf_counter()
-        valid: list[Event] = self._deferred
-        self._deferred = []
-        rejected: list[Rejected] = []
+        """One batch on its own (claimed entries, our backlog, entries kept in hand)."""
+        job = self.prepare(batch, with_deferred=True)
+        if job.valid:
+            job.outcome = self.applier.apply_all(job.valid)
+        refused = self.conclude(job)
+        if refused:
+            raise ResponseError(refused)
+
+    def prepare(self, batch: list[Delivery], *, with_deferred: bool = False) -> Job:
+        """Parse a batch: its valid events (after the ones kept in hand, if asked) and the
+        entries to dead-letter."""
+        job = Job(batch, time.perf_counter())
+        if with_deferred:
+            job.valid, self._deferred = self._deferred, []
+        valid, rejected = job.valid, job.rejected
         in_hand = {e.entry_id for e in valid}
         for item in batch:
             if item.entry_id in in_hand:
@@ -163,12 +196,17 @@ class Consumer:
                     valid.append(event)
                 except InvalidEvent as exc:
                     rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
-        self._dead_letter(rejected)
-        outcome = self.applier.apply_all(valid) if valid else BatchOutcome()
+        return job
+
+    def conclude(self, job: Job) -> str:
+        """After a batch: dead-letter what is left to, keep busy and lost entries in hand,
+        report. Returns the error of a transient refusal (e.g. OOM) to back off for, or ''."""
+        self._dead_letter(job.rejected)
+        outcome = job.outcome
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
         self._keep_deferred_ours()
-        progress = outcome.applied + outcome.duplicates + len(rejected) + len(outcome.failed)
+        progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
         if self._deferred and not progress:
             # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
             self._stalled += 1
@@ -176,20 +214,19 @@ class Consumer:
         else:
             self._stalled = 0
         self._after_failures(outcome.failed)
-        if outcome.refused:
-            raise ResponseError(outcome.refused)
-        if batch or valid:
+        if job.batch or job.valid:
             self.log.debug(
                 "batch",
-                read=len(batch),
+                read=len(job.batch),
                 applied=outcome.applied,
                 duplicates=outcome.duplicates,
-                rejected=len(rejected),
+                rejected=len(job.rejected),
                 failed=len(outcome.failed),
                 deferred=len(self._deferred),
                 lock_wait_ms=round(outcome.lock_wait_ms, 2),
-                ms=round((time.perf_counter() - started) * 1000, 2),
+                ms=round((time.perf_counter() - job.started) * 1000, 2),
             )
+        return outcome.refused
 
     def _keep_deferred_ours(self) -> None:
         """Entries kept in hand across turns (their lock stays busy) are not touched by
@@ -234,7 +271,7 @@ class Consumer:
             return
         s = self.s
         moved = set(
-            deadletter.move(self.client, s.stream, s.dead_letter, s.group, s.consumer, rejected)
+            deadletter.move(self.pipe, s.stream, s.dead_letter, s.group, s.consumer, rejected)
         )
         self.stats.dead_lettered += len(moved)
         for item in rejected:

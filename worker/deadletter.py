@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from worker import scripts
-from worker.scripts import Call
+from worker.scripts import Call, Pipe, Round
 
 DEAD_LETTER = scripts.Script.load("deadletter")
 
@@ -48,7 +48,7 @@ def dead_letter_call(
 
 
 def move(
-    client: redis.Redis,
+    client: redis.Redis | Pipe,
     stream: str,
     dead_stream: str,
     group: str,
@@ -58,9 +58,9 @@ def move(
     """Dead-letter and acknowledge ``rejected``; return the ids actually moved."""
     if not rejected:
         return []
-    (result,) = scripts.run(
-        client, [dead_letter_call(stream, dead_stream, group, consumer, rejected)]
-    )
+    pipe = client if isinstance(client, Pipe) else Pipe(client)
+    call = dead_letter_call(stream, dead_stream, group, consumer, rejected)
+    ((result,),) = pipe.exchange([Round("dead_letter", [call])])
     if isinstance(result, Exception):
         raise result
     assert isinstance(result, list)

@@ -11,10 +11,11 @@ NOSCRIPT would run them after the ones that followed them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from hiredis import pack_command
@@ -43,6 +44,8 @@ class Call:
     script: Script | None
     args: tuple[Arg, ...]
     keys: tuple[str | bytes, ...] = ()
+    wire: bytes = b""
+    """The call as sent, when packed ahead of time (``packed``)."""
 
     @classmethod
     def command(cls, *args: Arg) -> Call:
@@ -51,6 +54,78 @@ class Call:
     @classmethod
     def eval(cls, script: Script, keys: Sequence[str | bytes], args: Sequence[Arg]) -> Call:
         return cls(script, tuple(args), tuple(keys))
+
+    def packed(self) -> Call:
+        """The same call, encoded now rather than when sent."""
+        return Call(self.script, self.args, self.keys, _pack(self))
+
+
+class Round(NamedTuple):
+    """The calls of one protocol step, sent together; Redis runs them in order."""
+
+    step: str
+    """What they do: 'lock', 'apply', 'ack_release', 'read', 'dead_letter' ('' for others)."""
+    calls: list[Call]
+    meanwhile: Callable[[], None] | None = None
+    """Work for this process while Redis runs the calls (drivers call it after sending)."""
+
+
+class Pipe:
+    """Round trips on one connection, sent now and answered later.
+
+    ``send`` writes rounds and returns at once; ``recv`` reads the replies of the oldest
+    unanswered send. In between the caller can do other work while Redis runs the calls,
+    and rounds sent one after the other on this pipe run in the order sent. A connection
+    error closes the connection, forgets every unanswered send and is raised: whether their
+    calls ran is unknown.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pool = client.connection_pool
+        self._conn: Any = None
+        self._waiting: deque[list[int]] = deque()
+
+    def send(self, rounds: Sequence[Round]) -> None:
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        try:
+            self._conn.send_packed_command([b"".join(_pack(c) for r in rounds for c in r.calls)])
+        except BaseException:
+            self._drop()
+            raise
+        self._waiting.append([len(r.calls) for r in rounds])
+
+    def recv(self) -> list[list[Any]]:
+        """One list of replies per round of the oldest send, errors as values."""
+        sizes = self._waiting.popleft()
+        replies: list[list[Any]] = []
+        try:
+            for size in sizes:
+                results: list[Any] = []
+                for _ in range(size):
+                    try:
+                        results.append(self._conn.read_response())
+                    except ResponseError as exc:
+                        results.append(exc)
+                replies.append(results)
+        except BaseException:
+            self._drop()
+            raise
+        if not self._waiting:
+            self._pool.release(self._conn)
+            self._conn = None
+        return replies
+
+    def exchange(self, rounds: Sequence[Round]) -> list[list[Any]]:
+        self.send(rounds)
+        return self.recv()
+
+    def _drop(self) -> None:
+        self._waiting.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._pool.release(conn)
 
 
 def run(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
@@ -61,12 +136,12 @@ def run(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
     """
     if not calls:
         return []
-    return _send(client, calls)
+    return Pipe(client).exchange([Round("", list(calls))])[0]
 
 
 def command(client: redis.Redis, *args: Arg) -> Any:
     """One command, its raw reply; an error reply is raised."""
-    (result,) = _send(client, [Call(None, args)])
+    (result,) = run(client, [Call(None, args)])
     if isinstance(result, Exception):
         raise result
     return result
@@ -74,35 +149,10 @@ def command(client: redis.Redis, *args: Arg) -> Any:
 
 def _pack(call: Call) -> bytes:
     # (hiredis' stub types the argument as a 1-tuple; it takes any length)
+    if call.wire:
+        return call.wire
     if call.script is None:
         return bytes(pack_command(call.args))  # type: ignore[arg-type]
     script = call.script
     args = ("EVAL", script.source, len(call.keys), *call.keys, *call.args)
     return bytes(pack_command(args))  # type: ignore[arg-type]
-
-
-def _send(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """Write every call in one go, then read one raw reply per call.
-
-    redis-py's Pipeline does the same with more work per command (argument encoding, reply
-    callbacks); the replies here are Redis' own (b"OK", ints, nested lists), and the worker
-    reads them as such. A connection error closes the connection and is raised.
-    """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command(  # type: ignore[no-untyped-call]
-            [b"".join(_pack(call) for call in calls)]
-        )
-        results: list[Any] = []
-        for _ in calls:
-            try:
-                results.append(conn.read_response())
-            except ResponseError as exc:
-                results.append(exc)
-        return results
-    except BaseException:
-        conn.disconnect()  # type: ignore[no-untyped-call]
-        raise
-    finally:
-        pool.release(conn)

@@ -29,10 +29,21 @@ def read_new(
     client: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
 ) -> list[Delivery]:
     """Entries never delivered to anyone (XREADGROUP >): delivery count 1."""
-    args: list[str | int] = ["GROUP", group, consumer, "COUNT", count]
+    return parse_new(
+        scripts.command(client, *read_call(stream, group, consumer, count, block_ms).args)
+    )
+
+
+def read_call(stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> Call:
+    """XREADGROUP of entries never delivered to anyone; blocks only with ``block_ms``."""
+    args: list[str | int] = ["XREADGROUP", "GROUP", group, consumer, "COUNT", count]
     if block_ms is not None:
         args += ["BLOCK", block_ms]
-    reply = scripts.command(client, "XREADGROUP", *args, "STREAMS", stream, ">")
+    return Call.command(*args, "STREAMS", stream, ">")
+
+
+def parse_new(reply: Any) -> list[Delivery]:
+    """The reply of ``read_call``: deliveries with a delivery count of 1."""
     if not reply:
         return []
     return [Delivery(entry[0], entry[1], 1) for entry in reply[0][1]]
@@ -116,4 +127,9 @@ def claim_still_pending(
     time reset; JUSTID does not count a delivery."""
     if not ids:
         return set()
-    return set(scripts.command(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID"))
+    return set(scripts.command(client, *claim_call(stream, group, consumer, ids).args))
+
+
+def claim_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
+    """The XCLAIM of ``claim_still_pending`` (``ids`` must not be empty)."""
+    return Call.command("XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
