@@ -159,7 +159,7 @@ class BatchApplier:
             waiters=[counters.waiter_key(n) for n in names],
             me=s.consumer,
             check=check,
-        )
+        ).packed()
         confirm = stream.confirm_call(s.stream, s.group, s.consumer, count)
         guess: list[Plan] = []
         taken, confirmed = yield Round(
@@ -318,7 +318,11 @@ class BatchApplier:
         """XACK, then per locked counter clear the acknowledged entries' markers and release
         the lock, in one round trip (Redis runs it in order: markers go only after the XACK)."""
         ack_ids = [h.entry_id for items in acked.values() for h in items]
-        calls = [Call.command("XACK", self.s.stream, self.s.group, *ack_ids)] if ack_ids else []
+        calls = (
+            [Call.command("XACK", self.s.stream, self.s.group, *ack_ids).packed()]
+            if ack_ids
+            else []
+        )
         releases = [(n, [h.entry_id for h in acked.get(n, ())]) for n in held]
         calls.append(counters.finish_call(self.stream_key, token, releases).packed())
         return Round("ack_release", calls)

@@ -78,7 +78,7 @@ class Flow:
         transient refusal met (e.g. OOM), after finishing what was in flight, or ''."""
         cur: Job | None = self._start(first)
         nxt: Job | None = None
-        raw: list[Delivery] | None = None
+        raw: Any = None  # a read's reply, parsed when its batch starts
         reading = True
         refused = ""
         while cur is not None:
@@ -88,7 +88,7 @@ class Flow:
                 reading = reading and not refused and self.clean() and self.keep_reading()
                 cur, nxt = nxt, None
                 if cur is None and raw:
-                    cur, raw = self._start(raw), None
+                    cur, raw = self._start(parse_new(raw)), None
                 continue
             owners = [cur]
             if cur.step.step == "ack_release" and nxt is not None and nxt.step is not None:
@@ -102,7 +102,7 @@ class Flow:
                 if step.meanwhile is not None:
                     step.meanwhile()
             if raw and nxt is None:
-                nxt, raw = self._start(raw), None
+                nxt, raw = self._start(parse_new(raw)), None
             replies = self.pipe.recv()
             for job, reply in zip(owners, replies, strict=False):
                 job.advance(reply)
@@ -110,7 +110,7 @@ class Flow:
                 (reply,) = replies[-1]
                 if isinstance(reply, Exception):
                     raise reply
-                raw = parse_new(reply)
+                raw = reply  # nil when the stream has nothing new
                 reading = bool(raw) and self.keep_reading()
         return refused
 

@@ -20,7 +20,9 @@
 --   4                   probe: none of the events has a marker; nothing written
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expires = now + tonumber(ARGV[1])
+-- As a string, once: a Lua number passed to redis.call is formatted on every call.
+local expires = string.format('%d', now + tonumber(ARGV[1]))
+local horizon = string.format('%d', now)
 local prefix = ARGV[2]
 local token = ARGV[3]
 
@@ -68,7 +70,7 @@ local function apply(vkey, lkey, akey, total, first, n, efirst, k)
   -- Expired markers are removed when met, and now and then anyway (bounded memory for a
   -- busy counter whose key never expires); an idle key expires as a whole.
   if stale or now % 32 == 0 then
-    redis.call('ZREMRANGEBYSCORE', akey, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', akey, '-inf', horizon)
   end
   if #skipped > 1 then
     return skipped
@@ -113,7 +115,7 @@ local function apply_one(vkey, lkey, akey, total, id)
     return {2, 1}
   end
   if score or now % 32 == 0 then
-    redis.call('ZREMRANGEBYSCORE', akey, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', akey, '-inf', horizon)
   end
   if total == '' then
     return 4
