@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Container, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -184,8 +184,11 @@ class BatchApplier:
         else:
             held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
             busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
-        if not missing and not busy and guess:
-            work, plan = groups, guess[0]
+        if not missing and guess and held:
+            # As guessed, but for busy counters: they stay in the call, and its fencing
+            # refuses them (our token was never theirs): cheaper than a new call.
+            plan = guess[0]
+            work = {n: groups[n] for n in held} if busy else groups
         else:
             work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
             work = {n: items for n, items in work.items() if items}
@@ -200,7 +203,12 @@ class BatchApplier:
                 )
         ready: list[Round] = []
         acked = yield from self._apply(
-            work, plan, token, outcome, lambda: ready.append(self._ack_release(work, held, token))
+            work,
+            plan,
+            busy,
+            outcome,
+            lambda: ready.append(self._ack_release(work, held, token)),
+            token,
         )
         step = ready[0] if acked is work and ready else self._ack_release(acked, held, token)
         results = yield step
@@ -247,27 +255,31 @@ class BatchApplier:
         self,
         work: dict[str, list[Event]],
         plan: Plan,
-        token: str,
+        busy: Container[str],
         outcome: BatchOutcome,
         meanwhile: Callable[[], None],
+        token: str,
     ) -> Generator[Round, list[Any], dict[str, list[Event]]]:
-        """Run the fenced apply script for every locked counter; return, per counter, the
-        entries to acknowledge (applied now, or found already applied). When every write of
-        the first call is done as planned, that is the work itself (the same object)."""
+        """Run the fenced apply script for every locked counter (the plan may also carry
+        ``busy`` ones, which it refuses); return, per counter, the entries to acknowledge
+        (applied now, or found already applied). When every write of the first call is
+        done as planned, that is the work itself (the same object)."""
         most = self.s.max_deliveries
         rounds, followers, call = plan
         acked: dict[str, list[Event]] = defaultdict(list)
         first = True
         while rounds:
             (raw,) = yield Round("apply", [call], meanwhile if first else None)
-            if first and not followers and isinstance(raw, list) and raw.count(1) == len(raw):
-                outcome.applied += sum(len(g.events) for g in rounds)
+            if first and not followers and _as_planned(raw, rounds, busy):
+                outcome.applied += sum(len(items) for items in work.values())
                 return work  # every write done as planned: acknowledge all of the work
             first = False
             next_rounds: list[Group] = []
             for (name, items, probe), result in zip(
                 rounds, counters.parse_apply(raw, len(rounds)), strict=True
             ):
+                if name in busy:
+                    continue  # refused, as planned: the caller tries them again later
                 if result.outcome is counters.Outcome.APPLIED:
                     acked[name] += items
                     outcome.applied += len(items)
@@ -337,6 +349,17 @@ class Plan(NamedTuple):
 MAX_ROUND = 1000
 """Events of one counter in one script call: Lua unpacks at most ~8,000 values into one
 command, and a call's markers are 2 per event (entry id, event_id) plus their scores."""
+
+
+def _as_planned(raw: object, rounds: list[Group], busy: Container[str]) -> bool:
+    """Every counter applied (reply 1), but the busy ones, refused by fencing (reply 0)."""
+    if not isinstance(raw, list):
+        return False
+    if raw.count(1) == len(raw):
+        return True
+    return bool(busy) and all(
+        x == 1 or (x == 0 and g.name in busy) for x, g in zip(raw, rounds, strict=True)
+    )
 
 
 def _chunks(name: str, items: list[Event], probe: bool) -> list[Group]:

@@ -18,6 +18,7 @@ reclaim is due, the flow finishes what it has in flight and hands back to the co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,19 +77,32 @@ class Flow:
     def run(self, first: list[Delivery]) -> str:
         """Process ``first`` and the batches that follow it (see the top). Returns the first
         transient refusal met (e.g. OOM), after finishing what was in flight, or ''."""
-        cur: Job | None = self._start(first)
+        cur: Job | None = self._start(first, [])
         nxt: Job | None = None
         raw: Any = None  # a read's reply, parsed when its batch starts
         reading = True
         refused = ""
+        carry: list[Event] = []  # busy entries to try again with the batch after next
+        carry_until = 0.0
         while cur is not None:
             if cur.step is None:  # done
+                if cur.busy and raw and cur.outcome.applied:
+                    # A few counters held by another replica: go on, and try them again a
+                    # batch later (that replica releases them meanwhile, and leaves them to
+                    # us on its next attempt). Within LOCK_WAIT_MS; then they are kept in
+                    # hand and the consumer waits for them with backoff.
+                    now = time.monotonic()
+                    if not carry:
+                        carry_until = now + self.applier.s.lock_wait_ms / 1000
+                    if now < carry_until:
+                        carry += [e for items in cur.busy.values() for e in items]
+                        cur.busy = {}
                 self.applier.settle(cur.busy, cur.outcome)
                 refused = refused or self.conclude(cur)
                 reading = reading and not refused and self.clean() and self.keep_reading()
                 cur, nxt = nxt, None
                 if cur is None and raw:
-                    cur, raw = self._start(parse_new(raw)), None
+                    cur, raw, carry = self._start(parse_new(raw), carry), None, []
                 continue
             owners = [cur]
             if cur.step.step == "ack_release" and nxt is not None and nxt.step is not None:
@@ -102,7 +116,7 @@ class Flow:
                 if step.meanwhile is not None:
                     step.meanwhile()
             if raw and nxt is None:
-                nxt, raw = self._start(parse_new(raw)), None
+                nxt, raw, carry = self._start(parse_new(raw), carry), None, []
             replies = self.pipe.recv()
             for job, reply in zip(owners, replies, strict=False):
                 job.advance(reply)
@@ -114,8 +128,9 @@ class Flow:
                 reading = bool(raw) and self.keep_reading()
         return refused
 
-    def _start(self, batch: list[Delivery]) -> Job:
+    def _start(self, batch: list[Delivery], carried: list[Event]) -> Job:
         job = self.prepare(batch)
+        job.valid += carried
         if job.valid:
             groups: dict[str, list[Event]] = {}
             for event in job.valid:
