@@ -19,6 +19,7 @@ from helpers import (
     push,
     push_random,
     values,
+    wait_until,
 )
 
 from config import Settings
@@ -205,6 +206,40 @@ def test_busy_counter_is_retried_later_without_holding_the_other_locks(
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot"}) == {"hot": 7}
     assert consumer.stats.lock_busy >= 1
+
+
+def test_batches_back_to_back_on_one_counter_never_find_its_lock_busy(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # Each batch releases the counter in the same round trip that locks it for the next.
+    expected = push_random(r, 500, names=1)
+    consumer = make_consumer(batch_size=20)
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, set(expected)) == dict(expected)
+    assert consumer.stats.applied == 500
+    assert consumer.stats.lock_busy == 0
+    assert bookkeeping_keys(r) == []
+
+
+def test_counter_held_by_another_replica_mid_stream_is_counted_once_released(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # Batches go on while a few entries wait for their counter (tried again later).
+    expected = push_random(r, 300, names=9)
+    for _ in range(3):
+        push(r, "held", 2)
+    expected += push_random(r, 300, names=9, seed=2)
+    r.set(counters.lock_key("held"), "someone-else", px=60_000)
+    consumer = make_consumer(batch_size=20, lock_wait_ms=100, claim_idle_ms=5000)
+    turn_until(consumer, lambda: values(r, set(expected)) == dict(expected))
+    assert values(r, {"held"}) == {"held": 0}  # nothing written under someone else's lock
+    assert r.get(counters.lock_key("held")) == b"someone-else"  # never stolen
+    assert consumer.stats.lock_busy >= 1
+    r.delete(counters.lock_key("held"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"held", *expected}) == {"held": 6, **expected}
+    assert consumer.stats.applied == 603
+    wait_until(lambda: bookkeeping_keys(r) == [], 2, "our claim on the next turn to expire")
 
 
 def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_again(

@@ -84,18 +84,22 @@ class Flow:
         refused = ""
         carry: list[Event] = []  # busy entries to try again with the batch after next
         carry_until = 0.0
+        room = self.applier.s.batch_size // 4
         while cur is not None:
             if cur.step is None:  # done
-                if cur.busy and raw and cur.outcome.applied:
-                    # A few counters held by another replica: go on, and try them again a
-                    # batch later (that replica releases them meanwhile, and leaves them to
-                    # us on its next attempt). Within LOCK_WAIT_MS; then they are kept in
-                    # hand and the consumer waits for them with backoff.
+                self.applier.stats.lock_busy += len(cur.busy)
+                busy = [e for items in cur.busy.values() for e in items]
+                if busy and raw and cur.outcome.applied and len(carry) + len(busy) <= room:
+                    # A few entries whose counter another replica holds: go on, and try
+                    # them again a batch later (that replica releases it meanwhile, and
+                    # leaves it to us on its next attempt). Within LOCK_WAIT_MS and a
+                    # quarter of a batch; else they are kept in hand and the consumer
+                    # waits for them with backoff.
                     now = time.monotonic()
                     if not carry:
                         carry_until = now + self.applier.s.lock_wait_ms / 1000
                     if now < carry_until:
-                        carry += [e for items in cur.busy.values() for e in items]
+                        carry += busy
                         cur.busy = {}
                 self.applier.settle(cur.busy, cur.outcome)
                 refused = refused or self.conclude(cur)
