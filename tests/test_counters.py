@@ -15,7 +15,7 @@ from worker.counters import ApplyResult, Outcome, applied_key, lock_key, value_k
 from worker.deadletter import Rejected
 from worker.events import Event
 from worker.lock import Locks
-from worker.scripts import Call
+from worker.scripts import Call, Pipe, Round
 
 NAME = "hits"
 SRC = b"events"  # the stream the entries came from (part of entry markers)
@@ -280,3 +280,22 @@ def test_dead_letter_move_leaves_an_entry_pending_for_another_consumer(r: redis.
     assert list(fields.items()) == [*pairs, (b"source_id", mine)]
     pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(theirs, b"c2")]
+
+
+def test_round_trips_on_one_pipe_are_answered_in_order_sent(r: redis.Redis) -> None:
+    pipe = Pipe(r)
+    pipe.send([Round("one", [Call.command("SET", "k", "1"), Call.command("INCR", "k")])])
+    pipe.send([Round("two", [Call.command("GET", "k")])])
+    assert pipe.recv() == [[b"OK", 2]]
+    assert pipe.recv() == [[b"2"]]
+
+
+def test_pipe_reset_after_a_failure_between_send_and_recv_never_yields_stale_replies(
+    r: redis.Redis,
+) -> None:
+    r.set("k", "old")
+    pipe = Pipe(r)
+    pipe.send([Round("", [Call.command("SET", "k", "new")])])  # its reply would be b"OK"
+    pipe.reset()  # the caller failed before reading it
+    ((reply,),) = pipe.exchange([Round("", [Call.command("GET", "k")])])
+    assert reply in (b"old", b"new")  # a GET's answer, not the SET's

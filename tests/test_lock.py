@@ -218,7 +218,7 @@ def test_reconnect_delay_starts_small_and_grows() -> None:
 
 def take_turn(r: redis.Redis, me: str, token: str) -> int:
     """One attempt at lock "k" with waiter key "k:next", as replica ``me``."""
-    call = Locks(r, TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me, check=1)
+    call = Locks(r, TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me)
     ((taken,),) = scripts.run(r, [call])
     return int(taken)
 

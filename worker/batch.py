@@ -129,8 +129,12 @@ class BatchApplier:
             step = next(attempt)
             while True:
                 self.pipe.send([step])
-                if step.meanwhile is not None:
-                    step.meanwhile()
+                try:
+                    if step.meanwhile is not None:
+                        step.meanwhile()
+                except BaseException:
+                    self.pipe.reset()
+                    raise
                 step = attempt.send(self.pipe.recv()[0])
         except StopIteration as done:
             busy: dict[str, list[Event]] = done.value
@@ -144,7 +148,7 @@ class BatchApplier:
         did: this process and Redis then work at the same time.
         """
         s = self.s
-        # Counters we just had or wanted first: only those check for a waiting replica.
+        # Counters we just had or wanted first: only those take turns with waiting replicas.
         recent = self._recent
         names = [n for n in groups if n in recent]
         check = len(names)
@@ -156,9 +160,8 @@ class BatchApplier:
         lock = self.locks.acquire_call(
             [counters.lock_key(n) for n in names],
             token,
-            waiters=[counters.waiter_key(n) for n in names],
+            waiters=[counters.waiter_key(n) for n in names[:check]],
             me=s.consumer,
-            check=check,
         ).packed()
         confirm = stream.confirm_call(s.stream, s.group, s.consumer, count)
         guess: list[Plan] = []

@@ -116,11 +116,15 @@ class Flow:
             if read:
                 rounds.append(Round("read", [self.read]))
             self.pipe.send(rounds)
-            for step in rounds:  # while Redis works: prepare what comes next
-                if step.meanwhile is not None:
-                    step.meanwhile()
-            if raw and nxt is None:
-                nxt, raw, carry = self._start(parse_new(raw), carry), None, []
+            try:
+                for step in rounds:  # while Redis works: prepare what comes next
+                    if step.meanwhile is not None:
+                        step.meanwhile()
+                if raw and nxt is None:
+                    nxt, raw, carry = self._start(parse_new(raw), carry), None, []
+            except BaseException:
+                self.pipe.reset()  # no later recv may read this send's replies
+                raise
             replies = self.pipe.recv()
             for job, reply in zip(owners, replies, strict=False):
                 job.advance(reply)

@@ -55,16 +55,15 @@ class Locks:
         *,
         waiters: Sequence[str] = (),
         me: str = "",
-        check: int = 0,
     ) -> Call:
         """SET NX PX of every key with ``token``, as one script call (see lock_acquire.lua);
         its reply has 1 for each lock taken, 0 for each busy one.
 
-        With ``waiters`` (one waiter key per lock key) callers take turns: a busy lock
-        records ``me`` as its waiter, and a free lock whose waiter is someone else is left
-        to them. Only the first ``check`` keys read their waiter key.
+        With ``waiters`` (waiter keys of the first ``len(waiters)`` lock keys) callers take
+        turns on those: a busy lock records ``me`` as its waiter, and a free lock whose
+        waiter is someone else is left to them.
         """
-        args: list[str | int] = [token, self.ttl_ms, len(keys), me, WAITER_TTL_MS, check]
+        args: list[str | int] = [token, self.ttl_ms, len(keys), me, WAITER_TTL_MS]
         return Call.eval(ACQUIRE, [*keys, *waiters], args)
 
     def try_acquire(self, keys: Sequence[str]) -> dict[str, str]:

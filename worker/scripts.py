@@ -120,6 +120,12 @@ class Pipe:
         self.send(rounds)
         return self.recv()
 
+    def reset(self) -> None:
+        """Forget unanswered sends (closing the connection): for a caller that fails
+        between a send and its recv, so that no later recv reads stale replies."""
+        if self._waiting:
+            self._drop()
+
     def _drop(self) -> None:
         self._waiting.clear()
         conn, self._conn = self._conn, None

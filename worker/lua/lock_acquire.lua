@@ -1,23 +1,24 @@
 -- Take every free lock among n lock keys with one token (SET NX PX each), in one call,
 -- taking turns on busy locks.
 --
--- KEYS[1..n] lock keys; KEYS[n+1..2n] their waiter keys (optional: without them, plain
--- SET NX). A caller that finds a lock busy writes its name in the lock's waiter key (if no
--- one else waits); a caller that finds a lock free but another name waiting lets that one
--- have it. So a replica that keeps coming back to a hot counter cannot take it again and
--- again while another waits.
+-- KEYS[1..n] lock keys, then waiter keys for the first w of them (w = #KEYS - n, may be 0:
+-- plain SET NX). A caller that finds such a lock busy writes its name in the lock's waiter
+-- key (if no one else waits); a caller that finds it free but another name waiting lets
+-- that one have it. So a replica that keeps coming back to a hot counter cannot take it
+-- again and again while another waits. (The caller passes waiter keys for the counters it
+-- just had or wanted: a waiter can only be behind a lock that is in use, and a counter
+-- busy once is among them on the next attempt.)
 -- ARGV[1] token (fresh for this attempt, never reused), ARGV[2] lock TTL in ms,
--- ARGV[3] n, ARGV[4] the caller's name, ARGV[5] waiter TTL in ms, ARGV[6] m: only the first
--- m locks check for a waiter (the ones the caller just had or wanted: a waiter can only be
--- behind a lock that is in use, so others are skipped to save a read).
+-- ARGV[3] n, ARGV[4] the caller's name, ARGV[5] waiter TTL in ms.
 -- Returns, per lock, 1 if taken, 0 if busy or left to a waiter.
 local n = tonumber(ARGV[3])
-local turns = #KEYS == 2 * n
-local me, m = ARGV[4], tonumber(ARGV[6])
+local w = #KEYS - n
+local me = ARGV[4]
 local taken = {}
 for i = 1, n do
+  local turns = i <= w
   local waiter = false
-  if turns and i <= m then
+  if turns then
     waiter = redis.call('GET', KEYS[n + i])
   end
   if waiter and waiter ~= me then
