@@ -56,8 +56,15 @@ def inject() -> None:
             fault()
         return replies
 
+    drop = Pipe._drop
+
+    def patched_drop(self: Pipe) -> None:
+        armed.clear()  # the pipe forgot its unanswered sends: so do we
+        drop(self)
+
     Pipe.send = patched_send  # type: ignore[method-assign]
     Pipe.recv = patched_recv  # type: ignore[method-assign]
+    Pipe._drop = patched_drop  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

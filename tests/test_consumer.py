@@ -208,6 +208,22 @@ def test_busy_counter_is_retried_later_without_holding_the_other_locks(
     assert consumer.stats.lock_busy >= 1
 
 
+def test_producer_retry_waiting_behind_a_busy_counter_is_kept_once_and_counted_once(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lock_key("hot"), "someone-else", px=10_000)
+    push(r, "cold", 1)
+    first = push(r, "hot", 5, event_id="order-1")
+    retry = push(r, "hot", 5, event_id="order-1")
+    consumer = make_consumer(lock_wait_ms=30)
+    consumer.step()
+    assert sorted(e.entry_id for e in consumer._deferred) == [first, retry]  # once each
+    r.delete(counters.lock_key("hot"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot", "cold"}) == {"hot": 5, "cold": 1}
+    assert consumer.stats.duplicates == 1
+
+
 def test_batches_back_to_back_on_one_counter_never_find_its_lock_busy(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:

@@ -94,6 +94,10 @@ class BatchApplier:
         self.locks = Locks(client, settings.lock_ttl_ms)
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
+        """Counters of the last attempt: they take turns with waiting replicas."""
+        self._queued: set[str] = set()
+        """Counters we found busy and have not had since: they take turns too, so that the
+        attempt that gets one clears our place in line."""
 
     def apply_all(self, held: list[Event]) -> BatchOutcome:
         """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
@@ -149,10 +153,14 @@ class BatchApplier:
         """
         s = self.s
         # Counters we just had or wanted first: only those take turns with waiting replicas.
-        recent = self._recent
-        names = [n for n in groups if n in recent]
+        recent, queued = self._recent, self._queued
+        names = [n for n in groups if n in recent or n in queued]
         check = len(names)
-        names += [n for n in groups if n not in recent]
+        if check:
+            first = set(names)
+            names += [n for n in groups if n not in first]
+        else:
+            names = list(groups)
         self._recent = set(names)
         token = self.locks.tokens.next()
         ids = [h.entry_id for n in names for h in groups[n]]
@@ -187,6 +195,9 @@ class BatchApplier:
         else:
             held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
             busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
+            queued.update(busy)  # we wait in line for these (see lock_acquire.lua)
+        if queued:
+            queued.difference_update(held)
         if not missing and guess and held:
             # As guessed, but for busy counters: they stay in the call, and its fencing
             # refuses them (our token was never theirs): cheaper than a new call.
@@ -326,7 +337,9 @@ class BatchApplier:
                 items += extra
                 outcome.duplicates += len(extra)
         for extra in followers.values():
-            outcome.lost += extra  # their first occurrence is not done: retry them with it
+            # Their first occurrence is not done: retry them with it (a busy counter's
+            # followers are already among the busy ones).
+            outcome.lost += [h for h in extra if h.counter not in busy]
         return acked
 
     def _ack_release(self, acked: dict[str, list[Event]], held: list[str], token: str) -> Round:

@@ -198,16 +198,17 @@ class Consumer:
                     rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
         return job
 
-    def conclude(self, job: Job) -> str:
+    def conclude(self, job: Job, stall: bool = True) -> str:
         """After a batch: dead-letter what is left to, keep busy and lost entries in hand,
-        report. Returns the error of a transient refusal (e.g. OOM) to back off for, or ''."""
+        report; if nothing moved and ``stall``, wait a little (holding no lock). Returns the
+        error of a transient refusal (e.g. OOM) to back off for, or ''."""
         self._dead_letter(job.rejected)
         outcome = job.outcome
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
         self._keep_deferred_ours()
         progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
-        if self._deferred and not progress:
+        if self._deferred and not progress and stall:
             # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
             self._stalled += 1
             sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.05, self._rng))

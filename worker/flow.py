@@ -60,7 +60,7 @@ class Flow:
         applier: BatchApplier,
         read: Call,
         prepare: Callable[[list[Delivery]], Job],
-        conclude: Callable[[Job], str],
+        conclude: Callable[[Job, bool], str],
         keep_reading: Callable[[], bool],
         clean: Callable[[], bool],
     ) -> None:
@@ -83,8 +83,9 @@ class Flow:
         reading = True
         refused = ""
         carry: list[Event] = []  # busy entries to try again with the batch after next
-        carry_until = 0.0
+        carried_since: dict[bytes, float] = {}  # entry id -> first carried (monotonic)
         room = self.applier.s.batch_size // 4
+        wait_s = self.applier.s.lock_wait_ms / 1000
         while cur is not None:
             if cur.step is None:  # done
                 self.applier.stats.lock_busy += len(cur.busy)
@@ -92,17 +93,18 @@ class Flow:
                 if busy and raw and cur.outcome.applied and len(carry) + len(busy) <= room:
                     # A few entries whose counter another replica holds: go on, and try
                     # them again a batch later (that replica releases it meanwhile, and
-                    # leaves it to us on its next attempt). Within LOCK_WAIT_MS and a
-                    # quarter of a batch; else they are kept in hand and the consumer
-                    # waits for them with backoff.
+                    # leaves it to us on its next attempt). Each for LOCK_WAIT_MS at most,
+                    # a quarter of a batch at most; else they are kept in hand and the
+                    # consumer waits for them with backoff.
                     now = time.monotonic()
-                    if not carry:
-                        carry_until = now + self.applier.s.lock_wait_ms / 1000
-                    if now < carry_until:
+                    since = {e.entry_id: carried_since.get(e.entry_id, now) for e in busy}
+                    if all(now - t < wait_s for t in since.values()):
                         carry += busy
                         cur.busy = {}
+                    carried_since = since
                 self.applier.settle(cur.busy, cur.outcome)
-                refused = refused or self.conclude(cur)
+                # (no stall sleep here: the next batch may hold locks; the flow ends instead)
+                refused = refused or self.conclude(cur, False)
                 reading = reading and not refused and self.clean() and self.keep_reading()
                 cur, nxt = nxt, None
                 if cur is None and raw:
@@ -126,8 +128,14 @@ class Flow:
                 self.pipe.reset()  # no later recv may read this send's replies
                 raise
             replies = self.pipe.recv()
-            for job, reply in zip(owners, replies, strict=False):
-                job.advance(reply)
+            try:
+                for job, reply in zip(owners, replies, strict=False):
+                    job.advance(reply)
+            except BaseException:
+                if cur.step is None:  # acknowledged and released: account for it
+                    self.applier.settle(cur.busy, cur.outcome)
+                    self.conclude(cur, False)
+                raise
             if read:
                 (reply,) = replies[-1]
                 if isinstance(reply, Exception):
