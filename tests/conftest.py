@@ -10,6 +10,7 @@ Where a Redis comes from, in this order:
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -24,6 +25,12 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import MakeConsumer
+
+from config import Settings
+from worker.connection import connect, ensure_group
+from worker.consumer import Consumer
+from worker.logs import configure
 
 HOW_TO_GET_REDIS = (
     "no Redis for the tests: install redis-server (e.g. `apt-get install redis-server`), "
@@ -243,3 +250,27 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
     yield spawn
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture
+def make_consumer(redis_server: Any) -> MakeConsumer:
+    def make(**overrides: Any) -> Consumer:
+        options: dict[str, Any] = {
+            "redis_url": redis_server.url,
+            "consumer": "live",
+            "block_ms": 20,
+            "claim_idle_ms": 100,
+            "lock_ttl_ms": 80,
+            "lock_wait_ms": 50,
+            "log_format": "json",
+            "log_level": "DEBUG",
+        }
+        options.update(overrides)
+        settings = Settings(**options)
+        out = io.StringIO()
+        consumer = Consumer(connect(settings), settings, configure(settings, out))
+        consumer.log_output = out  # type: ignore[attr-defined]
+        ensure_group(consumer.client, settings.stream, settings.group)
+        return consumer
+
+    return make

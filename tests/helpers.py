@@ -11,6 +11,10 @@ from typing import Any
 import redis
 
 from worker import counters, scripts
+from worker.consumer import Consumer
+
+MakeConsumer = Callable[..., Consumer]
+"""The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
 
 STREAM = "events"
 GROUP = "stream-counter"
@@ -111,9 +115,29 @@ def apply_events(
     events: list[Any],
     ttl_ms: int = 60_000,
     stream: bytes = STREAM.encode(),
+    lanes: tuple[str, ...] = ("me",),
 ) -> counters.ApplyResult:
-    """The apply script for one counter, as a replica that holds ``token`` would call it."""
-    call = counters.apply_call(stream, token, [counters.Group(name, events)], ttl_ms)
+    """The apply script for one counter, as a replica that holds ``token`` on the lanes of
+    ``lanes`` (consumer names) would call it."""
+    keys = [counters.lane_key(name, c) for c in lanes]
+    call = counters.apply_call(stream, token, [counters.Group(name, events)], ttl_ms, {name: keys})
     (raw,) = scripts.run(r, [call])
     (result,) = counters.parse_apply(raw, 1)
     return result
+
+
+def turn_until(consumer: Consumer, condition: Callable[[], bool], turns: int = 200) -> None:
+    for _ in range(turns):
+        consumer.step()
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def pending_ids(r: redis.Redis) -> list[bytes]:
+    return [p["message_id"] for p in r.xpending_range(STREAM, GROUP, "-", "+", 1000)]
+
+
+def log_of(consumer: Consumer) -> str:
+    return consumer.log_output.getvalue()  # type: ignore[attr-defined, no-any-return]

@@ -11,7 +11,7 @@ import redis
 from helpers import apply_events, bookkeeping_keys
 
 from worker import counters, deadletter, scripts
-from worker.counters import ApplyResult, Outcome, applied_key, lock_key, value_key
+from worker.counters import ApplyResult, Outcome, applied_key, lane_key, value_key
 from worker.deadletter import Rejected
 from worker.events import Event
 from worker.lock import Locks
@@ -19,7 +19,8 @@ from worker.scripts import Call, Pipe, Round
 
 NAME = "hits"
 SRC = b"events"  # the stream the entries came from (part of entry markers)
-V, LOCK, APPLIED = value_key(NAME), lock_key(NAME), applied_key(NAME)
+V, LOCK, APPLIED = value_key(NAME), lane_key(NAME, "me"), applied_key(NAME)
+LANES = {NAME: [LOCK]}
 TTL_MS = 60_000
 I64 = 2**63 - 1
 
@@ -36,10 +37,9 @@ def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS)
     return apply_events(r, NAME, token, events, ttl_ms, stream=SRC)
 
 
-def finish(r: redis.Redis, token: str, events: list[Event]) -> int:
-    (raw,) = scripts.run(
-        r, [counters.finish_call(SRC, token, [(NAME, [e.entry_id for e in events])])]
-    )
+def finish(r: redis.Redis, token: str, events: list[Event], lanes: list[str] | None = None) -> int:
+    ids = [e.entry_id for e in events]
+    (raw,) = scripts.run(r, [counters.finish_call(SRC, token, [(NAME, lanes or [LOCK], ids)])])
     (reply,) = raw
     return int(reply)
 
@@ -172,12 +172,12 @@ def test_failed_write_returns_failed_with_redis_error_and_writes_no_marker(
     ("holder", "code", "left"),
     [
         ("me", 1, {b"k:k1", b"x:events|3-0"}),
-        (None, 2, {b"k:k1", b"x:events|3-0"}),
+        (None, 0, {b"x:events|1-0", b"k:k1", b"x:events|2-0", b"x:events|3-0"}),
         ("other-holder", 0, {b"x:events|1-0", b"k:k1", b"x:events|2-0", b"x:events|3-0"}),
     ],
-    ids=["owner-releases", "lock-gone-still-clears", "other-holder-clears-nothing"],
+    ids=["owner-releases", "lane-expired-clears-nothing", "other-holder-clears-nothing"],
 )
-def test_finish_clears_only_listed_entry_markers_and_never_touches_another_holders_lock(
+def test_finish_clears_only_listed_entry_markers_and_only_while_it_holds_its_lane(
     r: redis.Redis, holder: str | None, code: int, left: set[bytes]
 ) -> None:
     token = take_lock(r)
@@ -188,8 +188,35 @@ def test_finish_clears_only_listed_entry_markers_and_never_touches_another_holde
         r.set(LOCK, holder)
     assert finish(r, token, [ev(1), ev(2)]) == code
     assert set(markers(r)) == left  # event_id markers and unlisted entries stay
-    assert r.get(LOCK) == (b"other-holder" if code == 0 else None)
+    assert r.get(LOCK) == (b"other-holder" if holder == "other-holder" else None)
     assert r.get(V) == b"3"
+
+
+def test_apply_needing_two_lanes_is_refused_when_it_holds_only_one(r: redis.Redis) -> None:
+    theirs = lane_key(NAME, "previous-owner")
+    token = take_lock(r)  # our lane only
+    r.set(theirs, "previous-owner-token")
+    result = apply_events(r, NAME, token, [ev(1, 3)], stream=SRC, lanes=("me", "previous-owner"))
+    assert result.outcome is Outcome.LOCK_LOST
+    assert r.exists(V, APPLIED) == 0
+    r.set(theirs, token)  # now we hold both
+    result = apply_events(r, NAME, token, [ev(1, 3)], stream=SRC, lanes=("me", "previous-owner"))
+    assert result.outcome is Outcome.APPLIED
+    assert r.get(V) == b"3"
+
+
+def test_finish_with_one_of_two_lanes_lost_keeps_markers_and_releases_only_its_own(
+    r: redis.Redis,
+) -> None:
+    theirs = lane_key(NAME, "previous-owner")
+    token = take_lock(r)
+    r.set(theirs, token)
+    apply_events(r, NAME, token, [ev(1), ev(2)], stream=SRC, lanes=("me", "previous-owner"))
+    r.set(theirs, "their-new-token")  # ours expired, and its owner took it again
+    assert finish(r, token, [ev(1), ev(2)], [LOCK, theirs]) == 0
+    assert set(markers(r)) == {b"x:events|1-0", b"x:events|2-0"}  # kept: they may apply them
+    assert r.get(LOCK) is None  # ours released
+    assert r.get(theirs) == b"their-new-token"  # theirs untouched
 
 
 def test_expired_marker_no_longer_skips_its_entry_and_is_removed_when_met(
@@ -228,10 +255,10 @@ def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis
     assert r.script_exists(counters.APPLY.sha) == [False]
     calls = [
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(2, 3)])], TTL_MS),
+        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(2, 3)])], TTL_MS, LANES),
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(3, 4)])], TTL_MS),
-        counters.finish_call(SRC, token, [(NAME, [b"1-0", b"2-0", b"3-0"])]),
+        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(3, 4)])], TTL_MS, LANES),
+        counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0", b"2-0", b"3-0"])]),
     ]
     results = scripts.run(r, calls)
     assert [results[0], results[2], results[4]] == [1, 2, [1]]  # finish ran after the applies

@@ -65,7 +65,7 @@ def test_names_of_dead_replicas_with_nothing_pending_are_removed_from_the_group(
 def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     r: redis.Redis,
 ) -> None:
-    r.set(counters.lock_key("w"), "t", px=10_000)
+    r.set(counters.lane_key("w", "me"), "t", px=10_000)
     day = 86_400_000
     first = parse(b"1-0", [b"counter", b"w", b"event_id", b"k1"])
     second = parse(b"2-0", [b"counter", b"w", b"event_id", b"k2"])

@@ -1,16 +1,20 @@
 """One batch through the fenced exactly-once protocol: lock + confirm, apply, ack + release.
 
-1. lock +   one pipeline: a script that takes every counter's lock (SET NX PX, one fresh
-   confirm  token for the attempt; replicas take turns on busy locks), then XPENDING of this
-            consumer's pending list. Redis runs them in order, so for every lock we got,
-            the entries listed were still pending *after* we held the lock; the others
-            were finished by someone else (or deleted) and are dropped.
-2. apply    one script for all locked counters, each on its own: check the token, skip
-            entries that already have a marker, INCRBY the exact sum, add markers. If a
-            sum fails (overflow), each of its entries is tried on its own so that the ones
-            that fit still count.
-3. ack +    one pipeline: XACK everything applied or skipped, then a script that clears
-   release  those entries' markers and releases each lock if the token still holds it.
+Locks are lanes (docs/design-lock-lanes.md): a counter's entries need this consumer's lane
+on it, and the lane of each consumer one of them was claimed from.
+
+1. lock +   one pipeline: a script that takes every lane needed (SET NX PX, one fresh
+   confirm  token for the attempt; replicas take turns on busy lanes), then XPENDING of this
+            consumer's pending list. Redis runs them in order, so for every counter whose
+            lanes we got, the entries listed were still pending *after* we held them; the
+            others were finished by someone else (or deleted) and are dropped. Entries
+            delivered again since we got them go back to the consumer, to hold.
+2. apply    one script for all locked counters, each on its own: check the token on every
+            lane, skip entries that already have a marker, INCRBY the exact sum, add
+            markers. If a sum fails (overflow), each of its entries is tried on its own so
+            that the ones that fit still count.
+3. ack +    one pipeline: XACK everything applied or skipped, then a script that releases
+   release  the lanes still ours and, if all of them were, clears those entries' markers.
 
 Busy counters are retried after the held ones are released (nobody waits while holding a
 lock), with bounded exponential backoff and jitter; what is still busy when LOCK_WAIT_MS is
@@ -73,6 +77,8 @@ class BatchOutcome:
     """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
     lock_wait_ms: float = 0.0
     """Time spent waiting (holding no lock) for busy counters."""
+    held: list[Event] = field(default_factory=list)
+    """Delivered again since they were read: to hold for LOCK_TTL_MS before applying."""
 
 
 class BatchApplier:
@@ -152,62 +158,85 @@ class BatchApplier:
         did: this process and Redis then work at the same time.
         """
         s = self.s
-        # Counters we just had or wanted first: only those take turns with waiting replicas.
+        me = s.consumer
+        lanes = self._lanes(groups)
+        # Lanes we just had or wanted first: only those take turns with waiting replicas.
         recent, queued = self._recent, self._queued
-        names = [n for n in groups if n in recent or n in queued]
-        check = len(names)
+        keys = [k for n in groups for k in lanes[n]]
+        first = [k for k in keys if k in recent or k in queued]
+        check = len(first)
         if check:
-            first = set(names)
-            names += [n for n in groups if n not in first]
-        else:
-            names = list(groups)
-        self._recent = set(names)
+            firsts = set(first)
+            keys = first + [k for k in keys if k not in firsts]
+        self._recent = set(keys)
         token = self.locks.tokens.next()
-        ids = [h.entry_id for n in names for h in groups[n]]
-        count = len(ids) + 1000
+        batch = [h for items in groups.values() for h in items]
+        count = len(batch) + 1000
         lock = self.locks.acquire_call(
-            [counters.lock_key(n) for n in names],
-            token,
-            waiters=[counters.waiter_key(n) for n in names[:check]],
-            me=s.consumer,
+            keys, token, waiters=[counters.waiter_key(k) for k in keys[:check]], me=me
         ).packed()
-        confirm = stream.confirm_call(s.stream, s.group, s.consumer, count)
+        confirm = stream.confirm_call(s.stream, s.group, me, count)
         guess: list[Plan] = []
         taken, confirmed = yield Round(
-            "lock", [lock, confirm], lambda: guess.append(self._plan(groups, token))
+            "lock", [lock, confirm], lambda: guess.append(self._plan(groups, token, lanes))
         )
         for reply in (taken, confirmed):
             if isinstance(reply, Exception):
                 # Locks we may have taken expire by TTL; nothing was written.
                 raise reply
-        pending = {entry[0] for entry in confirmed}
-        missing = [i for i in ids if i not in pending]
-        if missing and len(confirmed) == count:  # our pending list is longer: ask by id
-            (claimed,) = yield Round(
-                "confirm", [stream.claim_call(s.stream, s.group, s.consumer, missing)]
-            )
-            if isinstance(claimed, Exception):
-                raise claimed
-            pending.update(claimed)
-            missing = [i for i in missing if i not in pending]
+        pending: dict[bytes, int] = {entry[0]: entry[3] for entry in confirmed}
+        if len(confirmed) == count:  # our pending list is longer: ask by id
+            unseen = [h.entry_id for h in batch if h.entry_id not in pending]
+            if unseen:
+                (claimed,) = yield Round(
+                    "confirm", [stream.claim_own_call(s.stream, s.group, me, unseen)]
+                )
+                if isinstance(claimed, Exception):
+                    raise claimed
+                pending.update(stream.parse_claim_own(claimed))
+        missing: list[bytes] = []
+        changed: list[Event] = []
+        for h in batch:
+            times = pending.get(h.entry_id)
+            if times is None:
+                missing.append(h.entry_id)
+            elif times > h.deliveries:
+                # Delivered again since we got it (claimed away and back): whose lanes it
+                # needs is unknown, so the consumer holds it until every lock taken before
+                # now has expired.
+                h.deliveries = times
+                changed.append(h)
+        moved = {h.entry_id for h in changed}
+        if changed:
+            outcome.held += changed
+            for h in changed:
+                del pending[h.entry_id]
+        got: set[str] | None = None
         if taken.count(1) == len(taken):
-            held, busy = names, {}
+            held, busy = list(groups), {}
+            if queued:
+                queued.difference_update(keys)
         else:
-            held = [name for name, ok in zip(names, taken, strict=True) if ok == 1]
-            busy = {name: groups[name] for name, ok in zip(names, taken, strict=True) if ok != 1}
-            queued.update(busy)  # we wait in line for these (see lock_acquire.lua)
-        if queued:
-            queued.difference_update(held)
-        if not missing and guess and held:
+            got = {k for k, ok in zip(keys, taken, strict=True) if ok == 1}
+            held = [n for n in groups if all(k in got for k in lanes[n])]
+            busy = {n: groups[n] for n in groups if any(k not in got for k in lanes[n])}
+            queued.update(k for k in keys if k not in got)  # in line for these (lock_acquire.lua)
+            queued.difference_update(got)
+        if not missing and not changed and guess and held:
             # As guessed, but for busy counters: they stay in the call, and its fencing
-            # refuses them (our token was never theirs): cheaper than a new call.
+            # refuses them (our token does not hold all their lanes): cheaper than a new call.
             plan = guess[0]
             work = {n: groups[n] for n in held} if busy else groups
         else:
             work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
             work = {n: items for n, items in work.items() if items}
-            plan = self._plan(work, token)
-            dropped = [h.entry_id for n in held for h in groups[n] if h.entry_id not in pending]
+            plan = self._plan(work, token, lanes)
+            dropped = [
+                h.entry_id
+                for n in held
+                for h in groups[n]
+                if h.entry_id not in pending and h.entry_id not in moved
+            ]
             if dropped:
                 self.log.info(
                     "entries no longer pending were dropped: acknowledged by another replica, "
@@ -215,26 +244,45 @@ class BatchApplier:
                     count=len(dropped),
                     ids=[i.decode() for i in dropped[:10]],
                 )
+        # Busy counters may hold some of their lanes: those are released with the rest.
+        partial = [n for n in busy if got and any(k in got for k in lanes[n])]
         ready: list[Round] = []
         acked = yield from self._apply(
             work,
             plan,
             busy,
             outcome,
-            lambda: ready.append(self._ack_release(work, held, token)),
+            lambda: ready.append(self._ack_release(work, held, partial, lanes, token)),
             token,
         )
-        step = ready[0] if acked is work and ready else self._ack_release(acked, held, token)
+        step = (
+            ready[0]
+            if acked is work and ready
+            else self._ack_release(acked, held, partial, lanes, token)
+        )
         results = yield step
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        for name, reply in zip(held, results[-1], strict=True):
+        for name, reply in zip(held + partial, results[-1], strict=True):
             if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())
         return busy
 
-    def _plan(self, work: dict[str, list[Event]], token: str) -> Plan:
+    def _lanes(self, groups: dict[str, list[Event]]) -> dict[str, list[str]]:
+        """Per counter, the lock lanes its entries need: ours, and the lane of every consumer
+        one of them was claimed from (docs/design-lock-lanes.md)."""
+        me = self.s.consumer
+        lanes: dict[str, list[str]] = {}
+        for name, items in groups.items():
+            own = [counters.lane_key(name, me)]
+            others = {h.owner for h in items if h.owner is not None and h.owner != me}
+            if others:
+                own += [counters.lane_key(name, o) for o in sorted(others)]
+            lanes[name] = own
+        return lanes
+
+    def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
         """The first apply call for ``work``. A repeated event_id inside the batch rides on
         its first occurrence (a follower). An entry delivered more than MAX_DELIVERIES
         times is only probed: if it was applied (its replica died before the XACK) it is
@@ -262,8 +310,8 @@ class BatchApplier:
                 (worn if h.deliveries > most else candidates).append(h)
             for group in (candidates, worn):
                 rounds += _chunks(name, group, group is worn)
-        call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms)
-        return Plan(rounds, followers, call.packed())
+        call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms, lanes)
+        return Plan(rounds, followers, call.packed(), lanes)
 
     def _apply(
         self,
@@ -279,7 +327,7 @@ class BatchApplier:
         (applied now, or found already applied). When every write of the first call is
         done as planned, that is the work itself (the same object)."""
         most = self.s.max_deliveries
-        rounds, followers, call = plan
+        rounds, followers, call, lanes = plan
         acked: dict[str, list[Event]] = defaultdict(list)
         first = True
         while rounds:
@@ -329,7 +377,9 @@ class BatchApplier:
                     next_rounds += [Group(name, [h], probe) for h in items]
             rounds = next_rounds
             if rounds:
-                call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms)
+                call = counters.apply_call(
+                    self.stream_key, token, rounds, self.s.dedupe_window_ms, lanes
+                )
 
         for items in list(acked.values()):
             for h in list(items):
@@ -342,16 +392,25 @@ class BatchApplier:
             outcome.lost += [h for h in extra if h.counter not in busy]
         return acked
 
-    def _ack_release(self, acked: dict[str, list[Event]], held: list[str], token: str) -> Round:
+    def _ack_release(
+        self,
+        acked: dict[str, list[Event]],
+        held: list[str],
+        partial: list[str],
+        lanes: dict[str, list[str]],
+        token: str,
+    ) -> Round:
         """XACK, then per locked counter clear the acknowledged entries' markers and release
-        the lock, in one round trip (Redis runs it in order: markers go only after the XACK)."""
+        its lanes, in one round trip (Redis runs it in order: markers go only after the
+        XACK). Busy counters of which we took some lanes (``partial``) release those."""
         ack_ids = [h.entry_id for items in acked.values() for h in items]
         calls = (
             [Call.command("XACK", self.s.stream, self.s.group, *ack_ids).packed()]
             if ack_ids
             else []
         )
-        releases = [(n, [h.entry_id for h in acked.get(n, ())]) for n in held]
+        releases = [(n, lanes[n], [h.entry_id for h in acked.get(n, ())]) for n in held]
+        releases += [(n, lanes[n], []) for n in partial]
         calls.append(counters.finish_call(self.stream_key, token, releases).packed())
         return Round("ack_release", calls)
 
@@ -360,6 +419,7 @@ class Plan(NamedTuple):
     rounds: list[Group]
     followers: dict[bytes, list[Event]]
     call: Call
+    lanes: dict[str, list[str]]
 
 
 MAX_ROUND = 1000

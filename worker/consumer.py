@@ -69,6 +69,8 @@ class Consumer:
             clean=lambda: not self._deferred,
         )
         self._deferred: list[Event] = []
+        self._held: list[Event] = []
+        """Entries not to apply before their ``not_before`` (kept in hand, still pending)."""
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
@@ -113,6 +115,12 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
+        if self._held:
+            now = time.monotonic()
+            ready = [e for e in self._held if e.not_before <= now]
+            if ready:
+                self._held = [e for e in self._held if e.not_before > now]
+                self._deferred += ready
         room = s.batch_size - len(self._deferred)
         # Our own pending list first (after a start or an error): XAUTOCLAIM would count
         # our own entries as redelivered.
@@ -128,7 +136,11 @@ class Consumer:
                     "removed idle consumers with nothing pending from the group",
                     consumers=[c.decode(errors="replace") for c in result.pruned],
                 )
-            in_hand = {h.entry_id for h in self._deferred}
+            in_hand = {h.entry_id: h for h in (*self._deferred, *self._held)}
+            for d in result.claimed:
+                event = in_hand.get(d.entry_id)
+                if event is not None:  # claimed back while in hand: it is now theirs to lock
+                    event.owner, event.deliveries = d.owner, d.deliveries
             claimed = [d for d in result.claimed if d.entry_id not in in_hand]
             if claimed:
                 self.stats.reclaimed += len(claimed)
@@ -142,29 +154,51 @@ class Consumer:
             if refused:
                 raise ResponseError(refused)
             return
+        if self._backlog is not None:
+            backlog = self._read_backlog()
+            if backlog:
+                self.process(backlog, hold=True)
+                return
         self.process(self._read(room) if room > 0 else [])
+
+    def _read_backlog(self) -> list[Delivery]:
+        """A page of our own pending list (after a start or an error). Its entries are held
+        for LOCK_TTL_MS (``process``): they may have been claimed, by an earlier process of
+        ours, from a replica that still holds its lane; by then its lock has expired.
+        Held entries do not use up the batch's room, so the whole backlog is read at once
+        and waits once."""
+        s = self.s
+        assert self._backlog is not None
+        read = stream.refetch_own_pending
+        if self._backlog_is_redelivery:
+            read = stream.read_own_pending
+        batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, s.batch_size)
+        if batch:
+            self._backlog = batch[-1].entry_id
+        else:
+            self._backlog = None
+        return batch
 
     def _read(self, room: int) -> list[Delivery]:
         s = self.s
-        if self._backlog is not None:
-            read = (
-                stream.read_own_pending
-                if self._backlog_is_redelivery
-                else stream.refetch_own_pending
-            )
-            batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, room)
-            if batch:
-                self._backlog = batch[-1].entry_id
-                return batch
-            self._backlog = None
         block = None if self._deferred else s.block_ms
         return stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
 
     # -- one batch -----------------------------------------------------------------------
 
-    def process(self, batch: list[Delivery]) -> None:
-        """One batch on its own (claimed entries, our backlog, entries kept in hand)."""
+    def process(self, batch: list[Delivery], *, hold: bool = False) -> None:
+        """One batch on its own (claimed entries, our backlog, entries kept in hand). With
+        ``hold``, the batch's valid entries wait LOCK_TTL_MS from now (``_read_backlog``)."""
         job = self.prepare(batch, with_deferred=True)
+        if hold:
+            until = time.monotonic() + self.s.lock_ttl_ms / 1000
+            fresh = {d.entry_id for d in batch}
+            for event in job.valid:
+                if event.entry_id in fresh:
+                    event.not_before = until
+        if hold:
+            self._hold([e for e in job.valid if e.not_before > time.monotonic()])
+            job.valid = [e for e in job.valid if e.not_before <= time.monotonic()]
         if job.valid:
             job.outcome = self.applier.apply_all(job.valid)
         refused = self.conclude(job)
@@ -179,6 +213,8 @@ class Consumer:
             job.valid, self._deferred = self._deferred, []
         valid, rejected = job.valid, job.rejected
         in_hand = {e.entry_id for e in valid}
+        if self._held:
+            in_hand.update(e.entry_id for e in self._held)
         for item in batch:
             if item.entry_id in in_hand:
                 continue  # already in hand (claimed and read again): once is enough
@@ -193,6 +229,7 @@ class Consumer:
                 try:
                     event = events.parse(item.entry_id, item.fields)
                     event.deliveries = item.deliveries
+                    event.owner = item.owner
                     valid.append(event)
                 except InvalidEvent as exc:
                     rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
@@ -206,6 +243,11 @@ class Consumer:
         outcome = job.outcome
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
+        if outcome.held:
+            until = time.monotonic() + self.s.lock_ttl_ms / 1000
+            for event in outcome.held:
+                event.not_before = until
+            self._hold(outcome.held)
         self._keep_deferred_ours()
         progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
         if self._deferred and not progress and stall:
@@ -229,12 +271,24 @@ class Consumer:
             )
         return outcome.refused
 
+    def _hold(self, waiting: list[Event]) -> None:
+        """Keep entries in hand, unapplied, until their ``not_before``."""
+        if waiting:
+            self._held += waiting
+            self.log.info(
+                "entries held until every lock taken before them has expired",
+                count=len(waiting),
+                hold_ms=self.s.lock_ttl_ms,
+            )
+
     def _keep_deferred_ours(self) -> None:
-        """Entries kept in hand across turns (their lock stays busy) are not touched by
-        Redis meanwhile: before they look idle long enough for another replica to claim
-        them (and count a delivery), claim them to ourselves again (JUSTID: no delivery is
-        counted). Those no longer pending were finished by someone else: dropped."""
-        if not self._deferred:
+        """Entries kept in hand across turns (their lock stays busy, or they are held) are
+        not touched by Redis meanwhile: before they look idle long enough for another replica
+        to claim them (and count a delivery), claim them to ourselves again (claim_own.lua:
+        no delivery counted, and only entries still pending for us). Those no longer ours
+        were finished or claimed by someone else: dropped. One delivered again meanwhile was
+        claimed away and back: it is held (see ``batch``)."""
+        if not self._deferred and not self._held:
             self._deferred_since = None
             return
         now = time.monotonic()
@@ -244,9 +298,15 @@ class Consumer:
         if now - self._deferred_since < self.s.claim_idle_ms / 3000:
             return
         s = self.s
-        ids = [e.entry_id for e in self._deferred]
-        still = stream.claim_still_pending(self.client, s.stream, s.group, s.consumer, ids)
-        self._deferred = [e for e in self._deferred if e.entry_id in still]
+        ids = [e.entry_id for e in (*self._deferred, *self._held)]
+        still = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
+        again = [e for e in self._deferred if still.get(e.entry_id, 0) > e.deliveries]
+        self._deferred = [e for e in self._deferred if 0 < still.get(e.entry_id, 0) <= e.deliveries]
+        self._held = [e for e in self._held if e.entry_id in still]
+        for event in again:
+            event.deliveries = still[event.entry_id]
+            event.not_before = now + s.lock_ttl_ms / 1000
+        self._hold(again)
         self._deferred_since = now
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
@@ -290,6 +350,7 @@ class Consumer:
         """Forget what is in hand: it is still pending on the server, and ours; read our
         own pending list again from the start."""
         self._deferred = []
+        self._held = []
         self._deferred_since = None
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
@@ -312,6 +373,7 @@ class Consumer:
         """On shutdown: entries kept in hand stay pending for the group. If this consumer has
         nothing pending at all, remove it from the group so names do not pile up."""
         self._deferred = []
+        self._held = []
         try:
             pending = scripts.command(
                 self.client, "XPENDING", self.s.stream, self.s.group, "-", "+", 1, self.s.consumer

@@ -4,8 +4,12 @@ Key layout: the keys of one counter share a hash tag, so they sit in one cluster
 one script can touch them all:
 
     sc:{<name>}:v        the value (a Redis integer; a missing key reads as 0)
-    sc:{<name>}:lock     the lock (see ``lock``)
-    sc:{<name>}:next     the replica waiting for the lock, if any (short-lived)
+    sc:{<name>}:lock:<consumer>
+                         a lock lane (see ``lock``): held by a replica to apply entries
+                         pending for it, and for those it claimed from <consumer>, that
+                         consumer's lane too (docs/design-lock-lanes.md)
+    sc:{<name>}:next:<consumer>
+                         the replica waiting for that lane, if any (short-lived)
     sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
                            'x:<stream>|<entry id>'
                                            entry applied, not yet acknowledged; cleared
@@ -17,7 +21,7 @@ one script can touch them all:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
@@ -37,12 +41,14 @@ def value_key(name: str) -> str:
     return f"sc:{{{name}}}:v"
 
 
-def lock_key(name: str) -> str:
-    return f"sc:{{{name}}}:lock"
+def lane_key(name: str, consumer: str) -> str:
+    """The lock lane of ``consumer`` on counter ``name``."""
+    return f"sc:{{{name}}}:lock:{consumer}"
 
 
-def waiter_key(name: str) -> str:
-    return f"sc:{{{name}}}:next"
+def waiter_key(lane: str) -> str:
+    """The waiter key of a lane key: who waits for that lane."""
+    return lane.replace(":lock:", ":next:", 1)
 
 
 def applied_key(name: str) -> str:
@@ -82,24 +88,33 @@ class Group(NamedTuple):
     """Only ask which events already have a marker; write nothing."""
 
 
-def apply_call(stream: bytes, token: str, groups: Sequence[Group], marker_ttl_ms: int) -> Call:
+def apply_call(
+    stream: bytes,
+    token: str,
+    groups: Sequence[Group],
+    marker_ttl_ms: int,
+    lanes: Mapping[str, Sequence[str]],
+) -> Call:
     """One script call that applies each group's events (read from ``stream``) to its
-    counter, each counter on its own, fenced by ``token`` (see counter_apply.lua)."""
+    counter, each counter on its own, fenced by ``token`` on every lane key that
+    ``lanes`` gives for it (see counter_apply.lua)."""
     keys: list[str] = []
     args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b""), token]
     add_keys, add_args = keys.extend, args.extend
     for group in groups:
         name, events = group.name, group.events
-        add_keys((value_key(name), lock_key(name), applied_key(name)))
+        its = lanes[name]
+        keys += (value_key(name), applied_key(name))
+        add_keys(its)
         if len(events) == 1:  # the common case with many counters: no loops, no lists
             event = events[0]
             total = "" if group.probe else event.delta
             if event.event_id is None:
-                add_args((total, 1, event.entry_id, 0))
+                add_args((len(its), total, 1, event.entry_id, 0))
             else:
-                add_args((total, 1, event.entry_id, 1, 1, event.event_id))
+                add_args((len(its), total, 1, event.entry_id, 1, 1, event.event_id))
             continue
-        add_args(("" if group.probe else sum(e.delta for e in events), len(events)))
+        add_args((len(its), "" if group.probe else sum(e.delta for e in events), len(events)))
         add_args([e.entry_id for e in events])
         eids: list[bytes | int] = []
         for position, event in enumerate(events, 1):
@@ -139,14 +154,18 @@ def _parse_one(reply: int | list[Any]) -> ApplyResult:
     return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
 
 
-def finish_call(stream: bytes, token: str, releases: Sequence[tuple[str, Sequence[bytes]]]) -> Call:
-    """Per (counter, acknowledged entry ids): clear those entries' markers and release the
-    lock held with ``token``, in one script call (see counter_finish.lua)."""
+def finish_call(
+    stream: bytes, token: str, releases: Sequence[tuple[str, Sequence[str], Sequence[bytes]]]
+) -> Call:
+    """Per (counter, lane keys taken, acknowledged entry ids): release the lanes held with
+    ``token`` and, if all of them still were, clear those entries' markers; one script
+    call (see counter_finish.lua)."""
     keys: list[str] = []
     args: list[str | bytes | int] = [entry_marker(stream, b""), token]
-    for name, acked in releases:
-        keys += [lock_key(name), applied_key(name)]
-        args += [len(acked), *acked]
+    for name, lanes, acked in releases:
+        keys.append(applied_key(name))
+        keys += lanes
+        args += [len(lanes), len(acked), *acked]
     return Call.eval(FINISH, keys, args)
 
 

@@ -28,6 +28,12 @@ class Event:
     event_id: bytes | None
     deliveries: int = 1
     """How many times the stream delivered this entry (set by the consumer)."""
+    owner: str | None = None
+    """The consumer this replica claimed the entry from, if another: its lock lane is
+    needed too (docs/design-lock-lanes.md). Set by the consumer."""
+    not_before: float = 0.0
+    """time.monotonic() before which the entry must not be applied (set by the consumer
+    when the entry's past owners are unknown: every lock they took has expired by then)."""
 
 
 def parse(entry_id: bytes, flat: list[bytes]) -> Event:

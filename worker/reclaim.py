@@ -1,10 +1,12 @@
-"""Claiming entries left pending by dead or stuck replicas (XAUTOCLAIM), inside the read loop.
+"""Claiming entries left pending by dead or stuck replicas, inside the read loop.
 
-Every ``interval`` seconds the consumer sweeps the group's pending list with XAUTOCLAIM
-(min idle = CLAIM_IDLE_MS), one COUNT-sized page per loop turn until the cursor wraps. It
-claims its own stale entries too, which is how an entry whose write failed is retried.
-Ids XAUTOCLAIM reports as deleted (Redis >= 7.0) were already removed from the pending list
-by Redis; they are logged, there is nothing left to count.
+Every ``interval`` seconds the consumer sweeps the group's pending list for entries idle
+for CLAIM_IDLE_MS, any consumer's, one page per loop turn until the sweep wraps
+(reclaim.lua: XPENDING IDLE, then XCLAIM, atomically, reporting each entry's previous
+owner, whose lock lane the apply then needs; see docs/design-lock-lanes.md). It claims its
+own stale entries too, which is how an entry whose write failed is retried. Ids no longer
+in the stream were removed from the pending list by XCLAIM (Redis >= 7.0); they are
+logged, there is nothing left to count.
 
 When a sweep completes, consumers with nothing pending that have been idle for
 10 x CLAIM_IDLE_MS are removed from the group (killed replicas leave their names behind).
@@ -19,9 +21,10 @@ import redis
 
 from worker import scripts
 from worker.scripts import Call
-from worker.stream import Delivery, delivery_counts, parse_entries
+from worker.stream import Delivery
 
 PRUNE = scripts.Script.load("prune_consumers")
+RECLAIM = scripts.Script.load("reclaim")
 
 
 @dataclass(slots=True)
@@ -48,31 +51,30 @@ class Reclaimer:
         return time.monotonic() >= self._next_sweep
 
     def claim(self, count: int) -> ClaimResult:
-        """One XAUTOCLAIM page; delivery counts are read back for what it claimed."""
-        reply = scripts.command(
-            self.client,
-            "XAUTOCLAIM",
-            self.stream,
-            self.group,
-            self.consumer,
-            self.min_idle_ms,
-            self._cursor,
-            "COUNT",
-            count,
+        """One page of the sweep: entries idle for CLAIM_IDLE_MS, now ours, with their
+        delivery counts and previous owners (None when it was this consumer)."""
+        start = b"-" if self._cursor == b"0-0" else b"(" + self._cursor
+        call = Call.eval(
+            RECLAIM,
+            [self.stream],
+            [self.group, self.consumer, self.min_idle_ms, start, count],
         )
+        (reply,) = scripts.run(self.client, [call])
+        if isinstance(reply, Exception):
+            raise reply
         self._cursor = bytes(reply[0])
         pruned: list[bytes] = []
         if self._cursor == b"0-0":
             self._next_sweep = time.monotonic() + self.interval
             pruned = self.prune_consumers()
-        entries = parse_entries(reply[1])
-        deleted = [bytes(i) for i in reply[2]] if len(reply) > 2 else []
-        counts = delivery_counts(self.client, self.stream, self.group, [i for i, _ in entries])
-        return ClaimResult(
-            claimed=[Delivery(i, f, counts.get(i, 1)) for i, f in entries if i in counts],
-            deleted=deleted,
-            pruned=pruned,
-        )
+        me = self.consumer
+        claimed = []
+        for entry_id, fields, owner, times in reply[1]:
+            previous = owner.decode(errors="replace")
+            claimed.append(
+                Delivery(bytes(entry_id), fields, int(times), None if previous == me else previous)
+            )
+        return ClaimResult(claimed=claimed, deleted=[bytes(i) for i in reply[2]], pruned=pruned)
 
     def prune_consumers(self) -> list[bytes]:
         """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS."""

@@ -11,6 +11,8 @@ import redis
 from worker import scripts
 from worker.scripts import Call
 
+CLAIM_OWN = scripts.Script.load("claim_own")
+
 
 @dataclass(slots=True)
 class Delivery:
@@ -18,6 +20,8 @@ class Delivery:
     fields: list[bytes] | None
     """Flat [field1, value1, ...]; None if the entry was deleted from the stream."""
     deliveries: int
+    owner: str | None = None
+    """The consumer it was claimed from, when not this one (``reclaim``)."""
 
 
 def parse_entries(raw: Any) -> list[tuple[bytes, list[bytes] | None]]:
@@ -120,16 +124,23 @@ def confirm_call(stream: str, group: str, consumer: str, count: int) -> Call:
     return Call.command("XPENDING", stream, group, "-", "+", count, consumer)
 
 
-def claim_still_pending(
+def claim_own(
     client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
-) -> set[bytes]:
-    """XCLAIM ... 0 ids JUSTID: which of ``ids`` are still pending, now ours with their idle
-    time reset; JUSTID does not count a delivery."""
+) -> dict[bytes, int]:
+    """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
+    time reset, no delivery counted), with their delivery counts (see claim_own.lua)."""
     if not ids:
-        return set()
-    return set(scripts.command(client, *claim_call(stream, group, consumer, ids).args))
+        return {}
+    (reply,) = scripts.run(client, [claim_own_call(stream, group, consumer, ids)])
+    if isinstance(reply, Exception):
+        raise reply
+    return parse_claim_own(reply)
 
 
-def claim_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
-    """The XCLAIM of ``claim_still_pending`` (``ids`` must not be empty)."""
-    return Call.command("XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+def claim_own_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
+    """The script call of ``claim_own`` (``ids`` must not be empty)."""
+    return Call.eval(CLAIM_OWN, [stream], [group, consumer, *ids])
+
+
+def parse_claim_own(reply: Any) -> dict[bytes, int]:
+    return {bytes(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)}

@@ -1,17 +1,18 @@
--- Apply events to counters, each fenced by its lock, exactly once. One call may carry
+-- Apply events to counters, each fenced by its lock lanes, exactly once. One call may carry
 -- several counters (all in one cluster slot); each counter is handled on its own and
 -- nothing one counter does can fail another.
 --
--- Per counter c, KEYS[3c-2] value key, KEYS[3c-1] lock key, KEYS[3c] applied-markers key (a
--- sorted set: member 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry in ms).
--- ARGV[1] marker TTL in ms, ARGV[2] the entry marker prefix 'x:<stream>|', ARGV[3] the lock
--- token the caller holds every counter with, then per counter:
---   total, n, id_1 .. id_n, k, (position, event_id) * k
+-- Per counter, in order: its value key, its applied-markers key (a sorted set: member
+-- 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry in ms), then the m lock lanes
+-- the caller needs for its entries (its own, and those of the consumers it claimed them
+-- from). ARGV[1] marker TTL in ms, ARGV[2] the entry marker prefix 'x:<stream>|', ARGV[3]
+-- the lock token the caller holds every lane with, then per counter:
+--   m, total, n, id_1 .. id_n, k, (position, event_id) * k
 -- where total is the exact sum of the deltas (computed by the caller: Lua numbers are
 -- doubles), or '' to only probe which events already have a marker.
 --
 -- Returns one reply per counter:
---   0                   the caller does not hold the lock: nothing written (fencing)
+--   0                   the caller does not hold every lane: nothing written (fencing)
 --   1                   applied: INCRBY done, markers added
 --   {2, i1, i2, ...}    events i1, i2... (1-based) already have a marker: nothing written;
 --                       the caller drops them and calls again with the rest and their sum
@@ -30,14 +31,25 @@ local function failed(reply)
   return type(reply) == 'table' and reply.err
 end
 
--- ids are ARGV[first .. first+n-1]; event_id pairs start at ARGV[efirst] (k of them)
-local function apply(vkey, lkey, akey, total, first, n, efirst, k)
-  local holder = redis.pcall('GET', lkey)
-  if failed(holder) then
-    return {3, holder.err}
+-- nil when the caller's token holds every lane KEYS[lanes .. lanes+m-1], else the reply
+local function fenced(lanes, m)
+  for i = lanes, lanes + m - 1 do
+    local holder = redis.pcall('GET', KEYS[i])
+    if failed(holder) then
+      return {3, holder.err}
+    end
+    if holder ~= token then
+      return 0
+    end
   end
-  if holder ~= token then
-    return 0
+  return nil
+end
+
+-- ids are ARGV[first .. first+n-1]; event_id pairs start at ARGV[efirst] (k of them)
+local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
+  local refused = fenced(lanes, m)
+  if refused then
+    return refused
   end
   local members = {}
   local owner = {}
@@ -98,13 +110,10 @@ end
 
 -- The common case with many counters: one event, no event_id. The same steps as apply()
 -- without its tables.
-local function apply_one(vkey, lkey, akey, total, id)
-  local holder = redis.pcall('GET', lkey)
-  if failed(holder) then
-    return {3, holder.err}
-  end
-  if holder ~= token then
-    return 0
+local function apply_one(vkey, akey, lanes, m, total, id)
+  local refused = fenced(lanes, m)
+  if refused then
+    return refused
   end
   local member = prefix .. id
   local score = redis.pcall('ZSCORE', akey, member)
@@ -133,15 +142,19 @@ end
 
 local replies = {}
 local a = 4
-for c = 1, #KEYS / 3 do
-  local total, n = ARGV[a], tonumber(ARGV[a + 1])
-  local k = tonumber(ARGV[a + 2 + n])
-  local v, l, m = KEYS[3 * c - 2], KEYS[3 * c - 1], KEYS[3 * c]
+local ki = 1
+local c = 0
+while a <= #ARGV do
+  c = c + 1
+  local m, total, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local k = tonumber(ARGV[a + 3 + n])
+  local v, mk = KEYS[ki], KEYS[ki + 1]
   if n == 1 and k == 0 then
-    replies[c] = apply_one(v, l, m, total, ARGV[a + 2])
+    replies[c] = apply_one(v, mk, ki + 2, m, total, ARGV[a + 3])
   else
-    replies[c] = apply(v, l, m, total, a + 2, n, a + 3 + n, k)
+    replies[c] = apply(v, mk, ki + 2, m, total, a + 3, n, a + 4 + n, k)
   end
-  a = a + 3 + n + 2 * k
+  ki = ki + 2 + m
+  a = a + 4 + n + 2 * k
 end
 return replies

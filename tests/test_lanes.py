@@ -1,0 +1,138 @@
+"""Lock lanes (docs/design-lock-lanes.md): replicas lock a counter per consumer name, so they
+do not queue on a hot counter, and an entry is still applied at most once when it moves
+between replicas."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from helpers import (
+    GROUP,
+    STREAM,
+    MakeConsumer,
+    apply_events,
+    bookkeeping_keys,
+    drained,
+    push,
+    turn_until,
+    values,
+)
+
+from worker import counters, stream
+from worker.connection import ensure_group
+from worker.events import parse
+
+
+def owner_of(r: redis.Redis, entry: bytes) -> bytes:
+    (info,) = r.xpending_range(STREAM, GROUP, entry, entry, 1)
+    return bytes(info["consumer"])
+
+
+def test_replica_applies_its_own_entries_while_another_replica_holds_its_lane_on_the_counter(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lane_key("hot", "other"), "other-replica", px=60_000)
+    push(r, "hot", 3)
+    push(r, "hot", 4)
+    consumer = make_consumer()
+    consumer.step()
+    assert values(r, {"hot"}) == {"hot": 7}
+    assert drained(r)
+    assert consumer.stats.lock_busy == 0
+    assert r.get(counters.lane_key("hot", "other")) == b"other-replica"  # not touched
+
+
+def test_entry_claimed_from_a_replica_waits_for_that_replicas_lane_and_counts_once(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    entry = push(r, "c", 5)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "stuck", {STREAM: ">"}, count=10)
+    # "stuck" holds its lane: it may still be writing the entry it confirmed.
+    r.set(counters.lane_key("c", "stuck"), "stuck-token", px=60_000)
+    time.sleep(0.15)  # idle for CLAIM_IDLE_MS
+    consumer = make_consumer(lock_wait_ms=20)
+    turn_until(consumer, lambda: owner_of(r, entry) == b"live")  # claimed...
+    assert values(r, {"c"}) == {"c": 0}  # ...but not applied under stuck's nose
+    assert [e.owner for e in consumer._deferred] == ["stuck"]
+    r.delete(counters.lane_key("c", "stuck"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"c"}) == {"c": 5}
+    assert consumer.stats.reclaimed == 1
+
+
+def test_keeping_entries_ours_never_claims_an_entry_pending_for_another_consumer(
+    r: redis.Redis,
+) -> None:
+    ensure_group(r, STREAM, GROUP)
+    theirs = push(r, "x", 1)
+    r.xreadgroup(GROUP, "other", {STREAM: ">"}, count=10)
+    mine = push(r, "x", 1)
+    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
+    got = stream.claim_own(r, STREAM, GROUP, "live", [theirs, mine])
+    assert got == {mine: 1}
+    assert owner_of(r, theirs) == b"other"
+
+
+def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expire(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # We keep X in hand behind our busy lane; S claims X and confirms it under its lane;
+    # X comes back to our name (say, by a twin). Without the hold we would apply, ack and
+    # clear the marker, and S's write would then count X a second time.
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
+    x = push(r, "hot", 6)
+    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
+    consumer.step()
+    assert [e.entry_id for e in consumer._deferred] == [x]
+    r.xclaim(STREAM, GROUP, "S", 0, [x])
+    r.set(counters.lane_key("hot", "S"), "s-token", px=300)
+    r.xclaim(STREAM, GROUP, "live", 0, [x])  # back to our name
+    r.delete(counters.lane_key("hot", "live"))
+    consumer.step()
+    assert values(r, {"hot"}) == {"hot": 0}  # held: S may still write it
+    assert [e.entry_id for e in consumer._held] == [x]
+    event = parse(x, [b"counter", b"hot", b"amount", b"6"])
+    assert apply_events(r, "hot", "s-token", [event], lanes=("S",)).outcome is (
+        counters.Outcome.APPLIED
+    )
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 6}
+    assert consumer.stats.duplicates == 1
+
+
+def test_entry_in_hand_claimed_back_from_another_replica_then_needs_that_replicas_lane(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
+    x = push(r, "hot", 2)
+    consumer = make_consumer(lock_wait_ms=0, claim_idle_ms=100)
+    consumer.step()
+    assert [e.entry_id for e in consumer._deferred] == [x]
+    r.xclaim(STREAM, GROUP, "S", 0, [x])  # S took it, then stalled with its lane held
+    r.set(counters.lane_key("hot", "S"), "s-token", px=60_000)
+    r.delete(counters.lane_key("hot", "live"))
+    time.sleep(0.15)
+    consumer.reclaimer.restart()
+    consumer.step()  # our sweep claims it back: now S's lane is needed too
+    assert owner_of(r, x) == b"live"
+    assert [e.owner for e in consumer._deferred + consumer._held] == ["S"]
+    assert values(r, {"hot"}) == {"hot": 0}
+    r.delete(counters.lane_key("hot", "S"))
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 2}
+
+
+def test_claimed_and_own_entries_of_one_counter_count_once_and_leave_no_lane_or_marker(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "two", 4)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "gone", {STREAM: ">"}, count=10)
+    push(r, "two", 1)
+    time.sleep(0.15)
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"two"}) == {"two": 5}
+    assert bookkeeping_keys(r) == []
