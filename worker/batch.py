@@ -159,7 +159,8 @@ class BatchApplier:
         """
         s = self.s
         me = s.consumer
-        lanes = self._lanes(groups)
+        batch = [h for items in groups.values() for h in items]
+        lanes = self._lanes(groups, any(h.owner is not None for h in batch))
         # Lanes we just had or wanted first: only those take turns with waiting replicas.
         recent, queued = self._recent, self._queued
         keys = [k for n in groups for k in lanes[n]]
@@ -170,7 +171,6 @@ class BatchApplier:
             keys = first + [k for k in keys if k not in firsts]
         self._recent = set(keys)
         token = self.locks.tokens.next()
-        batch = [h for items in groups.values() for h in items]
         count = len(batch) + 1000
         lock = self.locks.acquire_call(
             keys, token, waiters=[counters.waiter_key(k) for k in keys[:check]], me=me
@@ -269,17 +269,16 @@ class BatchApplier:
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())
         return busy
 
-    def _lanes(self, groups: dict[str, list[Event]]) -> dict[str, list[str]]:
+    def _lanes(self, groups: dict[str, list[Event]], claimed: bool) -> dict[str, list[str]]:
         """Per counter, the lock lanes its entries need: ours, and the lane of every consumer
         one of them was claimed from (docs/design-lock-lanes.md)."""
         me = self.s.consumer
-        lanes: dict[str, list[str]] = {}
-        for name, items in groups.items():
-            own = [counters.lane_key(name, me)]
-            others = {h.owner for h in items if h.owner is not None and h.owner != me}
-            if others:
-                own += [counters.lane_key(name, o) for o in sorted(others)]
-            lanes[name] = own
+        lane = counters.lane_key
+        lanes = {name: [lane(name, me)] for name in groups}
+        if claimed:  # some entry has an owner (else: none needs more than our lane)
+            for name, items in groups.items():
+                others = {h.owner for h in items if h.owner is not None and h.owner != me}
+                lanes[name] += [lane(name, o) for o in sorted(others)]
         return lanes
 
     def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
