@@ -7,7 +7,18 @@ import time
 from typing import Any
 
 import redis
-from helpers import GROUP, STREAM, apply_events, push, push_random, values, wait_drained
+from helpers import (
+    GROUP,
+    STREAM,
+    MakeConsumer,
+    apply_events,
+    drained,
+    push,
+    push_random,
+    turn_until,
+    values,
+    wait_drained,
+)
 
 from config import Settings
 from worker import counters
@@ -76,3 +87,30 @@ def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
     assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Outcome.ALREADY_APPLIED
     assert values(r, {"w"}) == {"w": 2}
+
+
+def consumers(r: redis.Redis) -> set[bytes]:
+    return {bytes(c["name"]) for c in r.xinfo_consumers(STREAM, GROUP)}
+
+
+def test_replica_with_nothing_pending_leaves_the_group_on_shutdown(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "a", 1)
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r))
+    assert b"live" in consumers(r)
+    consumer._hand_back()
+    assert b"live" not in consumers(r)
+
+
+def test_shutdown_keeps_the_name_when_a_same_name_process_has_an_entry_pending(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    consumer = make_consumer()
+    entry = push(r, "a", 1)
+    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)  # a twin with our name took it
+    consumer._hand_back()
+    assert b"live" in consumers(r)
+    (info,) = r.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert (info["message_id"], info["consumer"]) == (entry, b"live")  # not lost

@@ -38,6 +38,8 @@ from worker.reclaim import Reclaimer
 from worker.scripts import Pipe
 from worker.stream import Delivery
 
+LEAVE = scripts.Script.load("leave_group")
+
 
 class Consumer:
     def __init__(
@@ -375,18 +377,10 @@ class Consumer:
         self._deferred = []
         self._held = []
         try:
-            pending = scripts.command(
-                self.client, "XPENDING", self.s.stream, self.s.group, "-", "+", 1, self.s.consumer
-            )
-            if not pending:
-                scripts.command(
-                    self.client,
-                    "XGROUP",
-                    "DELCONSUMER",
-                    self.s.stream,
-                    self.s.group,
-                    self.s.consumer,
-                )
+            call = scripts.Call.eval(LEAVE, [self.s.stream], [self.s.group, self.s.consumer])
+            (result,) = scripts.run(self.client, [call])
+            if isinstance(result, Exception):
+                raise result
         except redis.RedisError as exc:
             self.log.warning("could not tidy the consumer up on shutdown", error=str(exc))
         self.log.info("stopped", **self.stats.as_dict())
