@@ -230,14 +230,28 @@ def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_
     assert bookkeeping_keys(r) == []  # the marker was cleared after the XACK
 
 
-def test_own_pending_entries_after_a_restart_wait_one_lock_ttl_then_count_without_a_claim_wait(
+def test_own_pending_entries_after_a_restart_are_counted_at_once_without_a_claim_wait(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    # The predecessor may have claimed them from a replica that still holds its lane: they
-    # wait until every lock taken before the restart has expired, not CLAIM_IDLE_MS.
+    # Delivered once, to our name only: no other replica's lane can matter.
     push(r, "mine", 2)
     ensure_group(r, STREAM, GROUP)
     r.xreadgroup(GROUP, "w1", {STREAM: ">"}, count=10)
+    consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
+    consumer.step()  # reads its own pending list first
+    assert values(r, {"mine"}) == {"mine": 2}
+    assert drained(r)
+
+
+def test_own_pending_entry_claimed_by_a_predecessor_waits_one_lock_ttl_after_a_restart(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # Our predecessor claimed it from w0, which may still hold its lane: it waits until
+    # every lock taken before the restart has expired, not CLAIM_IDLE_MS.
+    entry = push(r, "mine", 2)
+    ensure_group(r, STREAM, GROUP)
+    r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
+    r.xclaim(STREAM, GROUP, "w1", 0, [entry])
     r.set(counters.lane_key("mine", "w0"), "a-replica-w1-claimed-from", px=300)
     consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
     started = time.monotonic()

@@ -5,6 +5,7 @@ between replicas."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 from helpers import (
@@ -14,6 +15,7 @@ from helpers import (
     apply_events,
     bookkeeping_keys,
     drained,
+    log_of,
     push,
     turn_until,
     values,
@@ -136,3 +138,106 @@ def test_claimed_and_own_entries_of_one_counter_count_once_and_leave_no_lane_or_
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"two"}) == {"two": 5}
     assert bookkeeping_keys(r) == []
+
+
+def test_entry_claimed_away_and_back_is_held_even_when_its_counter_is_busy(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # Found busy and delivered again in the same attempt: held, not retried a moment later
+    # with its new delivery count looking unchanged.
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
+    x = push(r, "hot", 6)
+    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
+    consumer.step()
+    r.xclaim(STREAM, GROUP, "S", 0, [x])
+    r.set(counters.lane_key("hot", "S"), "s-token", px=300)
+    r.xclaim(STREAM, GROUP, "live", 0, [x])
+    consumer.step()  # our lane still busy, and X came back: held
+    assert [e.entry_id for e in consumer._held] == [x]
+    assert consumer._deferred == []
+    r.delete(counters.lane_key("hot", "live"))
+    consumer.step()
+    assert values(r, {"hot"}) == {"hot": 0}
+    event = parse(x, [b"counter", b"hot", b"amount", b"6"])
+    assert apply_events(r, "hot", "s-token", [event], lanes=("S",)).outcome is (
+        counters.Outcome.APPLIED
+    )
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 6}
+
+
+def test_entry_kept_in_hand_found_delivered_again_by_the_keep_ours_claim_is_held(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
+    x = push(r, "hot", 1)
+    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
+    consumer.step()
+    assert [e.entry_id for e in consumer._deferred] == [x]
+    r.xclaim(STREAM, GROUP, "S", 0, [x])
+    r.xclaim(STREAM, GROUP, "live", 0, [x])
+    consumer._deferred_since = time.monotonic() - 600  # due for its keep-ours claim
+    before = time.monotonic()
+    consumer._keep_deferred_ours()
+    assert consumer._deferred == []
+    (held,) = consumer._held
+    assert (held.entry_id, held.deliveries) == (x, 3)
+    assert held.not_before >= before + 0.3
+
+
+def test_waiter_key_of_a_counter_whose_name_contains_lock_names_that_counter(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    name = "a:lock:b"
+    r.set(counters.lane_key(name, "live"), "someone-else", px=60_000)
+    push(r, name, 1)
+    consumer = make_consumer(lock_wait_ms=50)
+    consumer.step()  # busy, then busy again on a retry: in line for it
+    assert r.get(counters.waiter_key(name, "live")) == b"live"
+    assert r.get("sc:{a:lock:b}:next:live") == b"live"
+    assert r.exists("sc:{a:next:b}:lock:live") == 0  # not some other counter's lane
+
+
+def test_markers_of_a_finish_that_lost_its_lane_are_cleared_one_lock_ttl_later(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    push(r, "c", 2)
+    push(r, "c", 3)
+    consumer = make_consumer(lock_ttl_ms=200, claim_idle_ms=600_000)
+    send = consumer.pipe.send
+    lost = []
+
+    def lose_lane_before_finish(rounds: Any) -> None:
+        if not lost and any(step.step == "ack_release" for step in rounds):
+            lost.append(r.delete(counters.lane_key("c", "live")))  # as if it expired
+        send(rounds)
+
+    consumer.pipe.send = lose_lane_before_finish  # type: ignore[method-assign]
+    turn_until(consumer, lambda: drained(r))
+    assert lost == [1]
+    assert values(r, {"c"}) == {"c": 5}
+    assert r.zcard(counters.applied_key("c")) == 2  # kept: a writer may still hold a lane
+    assert "lock lane lost before the finish" in log_of(consumer)
+    time.sleep(0.25)
+    consumer.step()
+    assert bookkeeping_keys(r) == []
+
+
+def test_after_a_lost_connection_only_entries_delivered_more_than_once_wait(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # A claim whose reply was lost put `claimed` in our name with an owner we never saw.
+    ensure_group(r, STREAM, GROUP)
+    claimed = push(r, "a", 5)
+    r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
+    r.xclaim(STREAM, GROUP, "live", 0, [claimed])
+    ours = push(r, "b", 7)
+    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
+    consumer = make_consumer(lock_ttl_ms=300, claim_idle_ms=600_000)
+    consumer._reset_after_error()  # as after a connection error: refetch, no delivery counted
+    consumer.step()
+    assert values(r, {"a", "b"}) == {"a": 0, "b": 7}
+    assert [e.entry_id for e in consumer._held] == [claimed]
+    assert ours not in [e.entry_id for e in consumer._held]
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"a", "b"}) == {"a": 5, "b": 7}

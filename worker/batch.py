@@ -38,7 +38,7 @@ import redis
 import structlog
 
 from config import Settings
-from worker import counters, stream
+from worker import counters, scripts, stream
 from worker.backoff import Backoff
 from worker.counters import Group
 from worker.events import Event
@@ -101,6 +101,8 @@ class BatchApplier:
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
         """Counters of the last attempt: they take turns with waiting replicas."""
+        self._late: list[tuple[float, str, list[bytes]]] = []
+        """(due, counter, entry ids): markers to clear once due (``clear_late``)."""
         self._queued: set[str] = set()
         """Counters we found busy and have not had since: they take turns too, so that the
         attempt that gets one clears our place in line."""
@@ -160,21 +162,25 @@ class BatchApplier:
         s = self.s
         me = s.consumer
         batch = [h for items in groups.values() for h in items]
-        lanes = self._lanes(groups, any(h.owner is not None for h in batch))
+        lanes, others = self._lanes(groups, any(h.owner is not None for h in batch))
         # Lanes we just had or wanted first: only those take turns with waiting replicas.
         recent, queued = self._recent, self._queued
         keys = [k for n in groups for k in lanes[n]]
-        first = [k for k in keys if k in recent or k in queued]
-        check = len(first)
-        if check:
+        mine = [(k, n) for n in groups if (k := lanes[n][0]) in recent or k in queued]
+        first = [k for k, _ in mine]
+        waiters = [counters.waiter_key(n, me) for _, n in mine]
+        for n, owners in others.items():
+            for owner, k in zip(owners, lanes[n][1:], strict=True):
+                if k in recent or k in queued:
+                    first.append(k)
+                    waiters.append(counters.waiter_key(n, owner))
+        if first:
             firsts = set(first)
             keys = first + [k for k in keys if k not in firsts]
         self._recent = set(keys)
         token = self.locks.tokens.next()
         count = len(batch) + 1000
-        lock = self.locks.acquire_call(
-            keys, token, waiters=[counters.waiter_key(k) for k in keys[:check]], me=me
-        ).packed()
+        lock = self.locks.acquire_call(keys, token, waiters=waiters, me=me).packed()
         confirm = stream.confirm_call(s.stream, s.group, me, count)
         guess: list[Plan] = []
         taken, confirmed = yield Round(
@@ -207,19 +213,27 @@ class BatchApplier:
                 h.deliveries = times
                 changed.append(h)
         moved = {h.entry_id for h in changed}
-        if changed:
+        if changed:  # held, whether their counter is ours or busy: never retried before that
             outcome.held += changed
             for h in changed:
                 del pending[h.entry_id]
-        got: set[str] | None = None
+            groups = {
+                n: [h for h in items if h.entry_id not in moved] for n, items in groups.items()
+            }
+        partial: list[str] = []
+        held: list[str] = []
         if taken.count(1) == len(taken):
             held, busy = list(groups), {}
             if queued:
                 queued.difference_update(keys)
         else:
             got = {k for k, ok in zip(keys, taken, strict=True) if ok == 1}
-            held = [n for n in groups if all(k in got for k in lanes[n])]
-            busy = {n: groups[n] for n in groups if any(k not in got for k in lanes[n])}
+            short: list[str] = []
+            for n in groups:
+                (held if all(k in got for k in lanes[n]) else short).append(n)
+            busy = {n: groups[n] for n in short if groups[n]}
+            # Busy counters may hold some of their lanes: those are released with the rest.
+            partial = [n for n in short if any(k in got for k in lanes[n])]
             queued.update(k for k in keys if k not in got)  # in line for these (lock_acquire.lua)
             queued.difference_update(got)
         if not missing and not changed and guess and held:
@@ -244,8 +258,6 @@ class BatchApplier:
                     count=len(dropped),
                     ids=[i.decode() for i in dropped[:10]],
                 )
-        # Busy counters may hold some of their lanes: those are released with the rest.
-        partial = [n for n in busy if got and any(k in got for k in lanes[n])]
         ready: list[Round] = []
         acked = yield from self._apply(
             work,
@@ -267,19 +279,60 @@ class BatchApplier:
         for name, reply in zip(held + partial, results[-1], strict=True):
             if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())
+            elif reply == 0 and acked.get(name):
+                # A lane expired before the finish: its markers stay until no replica that
+                # confirmed these entries before our XACK can write any more.
+                ids = [h.entry_id for h in acked[name]]
+                self._late.append((time.monotonic() + settle_s(s.lock_ttl_ms), name, ids))
+                self.log.warning(
+                    "lock lane lost before the finish: entry markers cleared later",
+                    counter=name,
+                    entries=len(ids),
+                )
         return busy
 
-    def _lanes(self, groups: dict[str, list[Event]], claimed: bool) -> dict[str, list[str]]:
-        """Per counter, the lock lanes its entries need: ours, and the lane of every consumer
-        one of them was claimed from (docs/design-lock-lanes.md)."""
+    def clear_late(self) -> None:
+        """Clear the markers kept by finishes that had lost a lane, once due: LOCK_TTL_MS
+        after their XACK every lock taken before it has expired, so nobody can still write
+        those entries (docs/design-lock-lanes.md, rule B)."""
+        if not self._late:
+            return
+        now = time.monotonic()
+        due = [item for item in self._late if item[0] <= now]
+        if not due:
+            return
+        self._late = [item for item in self._late if item[0] > now]
+        marker, src = counters.entry_marker, self.stream_key
+        calls = [
+            Call.command("ZREM", counters.applied_key(n), *[marker(src, i) for i in ids])
+            for _, n, ids in due
+        ]
+        try:
+            results = scripts.run(self.client, calls)
+        except redis.RedisError:
+            self._late = due + self._late
+            raise
+        for (_, name, _ids), result in zip(due, results, strict=True):
+            if isinstance(result, Exception):
+                self.log.warning("could not clear entry markers", counter=name, error=str(result))
+
+    def _lanes(
+        self, groups: dict[str, list[Event]], claimed: bool
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Per counter, the lock lanes its entries need: ours first, then the lane of every
+        consumer one of them was claimed from (docs/design-lock-lanes.md); and, for the
+        counters that need such lanes, those consumers (in the same order)."""
         me = self.s.consumer
         lane = counters.lane_key
         lanes = {name: [lane(name, me)] for name in groups}
+        others: dict[str, list[str]] = {}
         if claimed:  # some entry has an owner (else: none needs more than our lane)
             for name, items in groups.items():
-                others = {h.owner for h in items if h.owner is not None and h.owner != me}
-                lanes[name] += [lane(name, o) for o in sorted(others)]
-        return lanes
+                owners = sorted({h.owner for h in items if h.owner is not None and h.owner != me})
+                if owners:
+                    others[name] = owners
+                    lanes[name] += [lane(name, o) for o in owners]
+        return lanes, others
 
     def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
         """The first apply call for ``work``. A repeated event_id inside the batch rides on
@@ -419,6 +472,12 @@ class Plan(NamedTuple):
     followers: dict[bytes, list[Event]]
     call: Call
     lanes: dict[str, list[str]]
+
+
+def settle_s(lock_ttl_ms: int) -> float:
+    """Seconds after which every lock taken before now has expired by Redis' clock:
+    LOCK_TTL_MS, plus a margin for clock rates and whole-millisecond expiry (10% + 10 ms)."""
+    return lock_ttl_ms * 1.1 / 1000 + 0.01
 
 
 MAX_ROUND = 1000

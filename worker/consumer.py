@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 import redis
 import structlog
@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import BatchApplier, Stats
+from worker.batch import BatchApplier, Stats, settle_s
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import GroupDeleted, InvalidEvent
@@ -117,6 +117,7 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
+        self.applier.clear_late()
         if self._held:
             now = time.monotonic()
             ready = [e for e in self._held if e.not_before <= now]
@@ -157,29 +158,31 @@ class Consumer:
                 raise ResponseError(refused)
             return
         if self._backlog is not None:
-            backlog = self._read_backlog()
+            backlog, unknown = self._read_backlog()
             if backlog:
-                self.process(backlog, hold=True)
+                self.process(backlog, hold=unknown)
                 return
         self.process(self._read(room) if room > 0 else [])
 
-    def _read_backlog(self) -> list[Delivery]:
-        """A page of our own pending list (after a start or an error). Its entries are held
-        for LOCK_TTL_MS (``process``): they may have been claimed, by an earlier process of
-        ours, from a replica that still holds its lane; by then its lock has expired.
-        Held entries do not use up the batch's room, so the whole backlog is read at once
-        and waits once."""
+    def _read_backlog(self) -> tuple[list[Delivery], set[bytes]]:
+        """A page of our own pending list (after a start or an error), and the ids among it
+        whose past owners we do not know: delivered more than once before this read, they
+        may have been claimed to our name (by an earlier process of it, or by a claim whose
+        reply was lost) from a replica that still holds its lane. Those are held for
+        LOCK_TTL_MS (``process``), by when its lock has expired. An entry delivered once was
+        only ever pending for our name: our lane covers it. Held entries do not use up the
+        batch's room, so the whole backlog is read at once and waits once."""
         s = self.s
         assert self._backlog is not None
-        read = stream.refetch_own_pending
+        read, once = stream.refetch_own_pending, 1
         if self._backlog_is_redelivery:
-            read = stream.read_own_pending
+            read, once = stream.read_own_pending, 2  # this read counted one more delivery
         batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, s.batch_size)
         if batch:
             self._backlog = batch[-1].entry_id
         else:
             self._backlog = None
-        return batch
+        return batch, {d.entry_id for d in batch if d.deliveries > once}
 
     def _read(self, room: int) -> list[Delivery]:
         s = self.s
@@ -188,19 +191,18 @@ class Consumer:
 
     # -- one batch -----------------------------------------------------------------------
 
-    def process(self, batch: list[Delivery], *, hold: bool = False) -> None:
-        """One batch on its own (claimed entries, our backlog, entries kept in hand). With
-        ``hold``, the batch's valid entries wait LOCK_TTL_MS from now (``_read_backlog``)."""
+    def process(self, batch: list[Delivery], *, hold: Container[bytes] = ()) -> None:
+        """One batch on its own (claimed entries, our backlog, entries kept in hand). The
+        entries of ``hold`` wait LOCK_TTL_MS from now (``_read_backlog``)."""
         job = self.prepare(batch, with_deferred=True)
         if hold:
-            until = time.monotonic() + self.s.lock_ttl_ms / 1000
-            fresh = {d.entry_id for d in batch}
-            for event in job.valid:
-                if event.entry_id in fresh:
-                    event.not_before = until
-        if hold:
-            self._hold([e for e in job.valid if e.not_before > time.monotonic()])
-            job.valid = [e for e in job.valid if e.not_before <= time.monotonic()]
+            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
+            waiting = [e for e in job.valid if e.entry_id in hold]
+            for event in waiting:
+                event.not_before = until
+            if waiting:
+                self._hold(waiting)
+                job.valid = [e for e in job.valid if e.entry_id not in hold]
         if job.valid:
             job.outcome = self.applier.apply_all(job.valid)
         refused = self.conclude(job)
@@ -246,7 +248,7 @@ class Consumer:
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
         if outcome.held:
-            until = time.monotonic() + self.s.lock_ttl_ms / 1000
+            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
             for event in outcome.held:
                 event.not_before = until
             self._hold(outcome.held)
@@ -302,12 +304,17 @@ class Consumer:
         s = self.s
         ids = [e.entry_id for e in (*self._deferred, *self._held)]
         still = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
+        until = time.monotonic() + settle_s(s.lock_ttl_ms)  # from the reply on
         again = [e for e in self._deferred if still.get(e.entry_id, 0) > e.deliveries]
         self._deferred = [e for e in self._deferred if 0 < still.get(e.entry_id, 0) <= e.deliveries]
         self._held = [e for e in self._held if e.entry_id in still]
+        for event in self._held:
+            if still[event.entry_id] > event.deliveries:  # away and back again: wait anew
+                event.deliveries = still[event.entry_id]
+                event.not_before = max(event.not_before, until)
         for event in again:
             event.deliveries = still[event.entry_id]
-            event.not_before = now + s.lock_ttl_ms / 1000
+            event.not_before = until
         self._hold(again)
         self._deferred_since = now
 
@@ -350,10 +357,10 @@ class Consumer:
 
     def _reset_after_error(self) -> None:
         """Forget what is in hand: it is still pending on the server, and ours; read our
-        own pending list again from the start."""
+        own pending list again from the start. (The time of the last keep-ours claim stays:
+        the same entries come back, and must not look idle to other replicas meanwhile.)"""
         self._deferred = []
         self._held = []
-        self._deferred_since = None
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
         self.reclaimer.restart()

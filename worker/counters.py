@@ -46,9 +46,9 @@ def lane_key(name: str, consumer: str) -> str:
     return f"sc:{{{name}}}:lock:{consumer}"
 
 
-def waiter_key(lane: str) -> str:
-    """The waiter key of a lane key: who waits for that lane."""
-    return lane.replace(":lock:", ":next:", 1)
+def waiter_key(name: str, consumer: str) -> str:
+    """Who waits for the lock lane of ``consumer`` on counter ``name``."""
+    return f"sc:{{{name}}}:next:{consumer}"
 
 
 def applied_key(name: str) -> str:
