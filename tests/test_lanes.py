@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import redis
 from helpers import (
     GROUP,
@@ -241,3 +242,27 @@ def test_after_a_lost_connection_only_entries_delivered_more_than_once_wait(
     assert ours not in [e.entry_id for e in consumer._held]
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"a", "b"}) == {"a": 5, "b": 7}
+
+
+@pytest.mark.parametrize("block_ms", [50, 5_000], ids=["short-reads", "long-reads"])
+def test_held_entry_on_an_idle_stream_stays_ours_and_is_counted_when_due(
+    r: redis.Redis, make_consumer: MakeConsumer, block_ms: int
+) -> None:
+    # Held a little longer than CLAIM_IDLE_MS, with nothing new to read: keep-ours claims
+    # go on, and the read wakes up for it rather than blocking BLOCK_MS.
+    ensure_group(r, STREAM, GROUP)
+    x = push(r, "a", 4)
+    r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
+    r.xclaim(STREAM, GROUP, "live", 0, [x])
+    options = {"lock_ttl_ms": 300, "claim_idle_ms": 320}
+    consumer = make_consumer(block_ms=block_ms, **options)
+    other = make_consumer(consumer="other", **options)
+    consumer._reset_after_error()
+    started = time.monotonic()
+    consumer.step()
+    assert [e.entry_id for e in consumer._held] == [x]
+    while not drained(r):
+        assert other.reclaimer.claim(10).claimed == []  # never idle long enough
+        consumer.step()
+        assert time.monotonic() - started < 2.0
+    assert values(r, {"a"}) == {"a": 4}

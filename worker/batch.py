@@ -40,6 +40,7 @@ import structlog
 from config import Settings
 from worker import counters, scripts, stream
 from worker.backoff import Backoff
+from worker.connection import is_transient
 from worker.counters import Group
 from worker.events import Event
 from worker.lock import Locks
@@ -236,6 +237,8 @@ class BatchApplier:
             partial = [n for n in short if any(k in got for k in lanes[n])]
             queued.update(k for k in keys if k not in got)  # in line for these (lock_acquire.lua)
             queued.difference_update(got)
+            if len(queued) > QUEUED_MAX:  # lanes we gave up on (entries finished elsewhere)
+                queued.clear()
         if not missing and not changed and guess and held:
             # As guessed, but for busy counters: they stay in the call, and its fencing
             # refuses them (our token does not hold all their lanes): cheaper than a new call.
@@ -312,9 +315,14 @@ class BatchApplier:
         except redis.RedisError:
             self._late = due + self._late
             raise
-        for (_, name, _ids), result in zip(due, results, strict=True):
+        for item, result in zip(due, results, strict=True):
             if isinstance(result, Exception):
-                self.log.warning("could not clear entry markers", counter=name, error=str(result))
+                if is_transient(result):  # e.g. READONLY during a failover: next turn
+                    self._late.append(item)
+                else:
+                    self.log.warning(
+                        "could not clear entry markers", counter=item[1], error=str(result)
+                    )
 
     def _lanes(
         self, groups: dict[str, list[Event]], claimed: bool
@@ -479,6 +487,9 @@ def settle_s(lock_ttl_ms: int) -> float:
     LOCK_TTL_MS, plus a margin for clock rates and whole-millisecond expiry (10% + 10 ms)."""
     return lock_ttl_ms * 1.1 / 1000 + 0.01
 
+
+QUEUED_MAX = 10_000
+"""Bound on the lanes remembered as waited for: a waiter key lives WAITER_TTL_MS anyway."""
 
 MAX_ROUND = 1000
 """Events of one counter in one script call: Lua unpacks at most ~8,000 values into one

@@ -72,6 +72,8 @@ class Consumer:
         )
         self._deferred: list[Event] = []
         self._held: list[Event] = []
+        self._claim_now = False
+        """Claim what is in hand on the next keep-ours check, not CLAIM_IDLE_MS / 3 later."""
         """Entries not to apply before their ``not_before`` (kept in hand, still pending)."""
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
@@ -119,6 +121,7 @@ class Consumer:
         s = self.s
         self.applier.clear_late()
         if self._held:
+            self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
             now = time.monotonic()
             ready = [e for e in self._held if e.not_before <= now]
             if ready:
@@ -152,7 +155,8 @@ class Consumer:
                 room = self.s.batch_size - len(self._deferred)
         if room > 0 and self._backlog is None and not self._deferred:
             # The common case: new entries, nothing kept in hand. Batches back to back.
-            batch = stream.read_new(self.client, s.stream, s.group, s.consumer, room, s.block_ms)
+            block = self._block_ms()
+            batch = stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
             refused = self.flow.run(batch) if batch else ""
             if refused:
                 raise ResponseError(refused)
@@ -186,8 +190,15 @@ class Consumer:
 
     def _read(self, room: int) -> list[Delivery]:
         s = self.s
-        block = None if self._deferred else s.block_ms
+        block = None if self._deferred else self._block_ms()
         return stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
+
+    def _block_ms(self) -> int:
+        """BLOCK_MS, or less: until the first held entry is due."""
+        if not self._held:
+            return self.s.block_ms
+        due = min(e.not_before for e in self._held) - time.monotonic()
+        return max(1, min(self.s.block_ms, int(due * 1000) + 1))
 
     # -- one batch -----------------------------------------------------------------------
 
@@ -282,7 +293,7 @@ class Consumer:
             self.log.info(
                 "entries held until every lock taken before them has expired",
                 count=len(waiting),
-                hold_ms=self.s.lock_ttl_ms,
+                hold_ms=round(settle_s(self.s.lock_ttl_ms) * 1000),
             )
 
     def _keep_deferred_ours(self) -> None:
@@ -296,11 +307,15 @@ class Consumer:
             self._deferred_since = None
             return
         now = time.monotonic()
-        if self._deferred_since is None:
+        if self._deferred_since is None and not self._claim_now:
             self._deferred_since = now
             return
-        if now - self._deferred_since < self.s.claim_idle_ms / 3000:
+        if (
+            not self._claim_now
+            and now - (self._deferred_since or now) < self.s.claim_idle_ms / 3000
+        ):
             return
+        self._claim_now = False
         s = self.s
         ids = [e.entry_id for e in (*self._deferred, *self._held)]
         still = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
@@ -361,6 +376,7 @@ class Consumer:
         the same entries come back, and must not look idle to other replicas meanwhile.)"""
         self._deferred = []
         self._held = []
+        self._claim_now = True  # what comes back may have been idle through the outage
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
         self.reclaimer.restart()
