@@ -39,6 +39,24 @@ def push(
     return bytes(r.xadd(stream, fields))  # type: ignore[arg-type]
 
 
+def delivered_to(r: redis.Redis, consumer: str, name: str, amount: int) -> bytes:
+    """An event for counter ``name``, read by ``consumer`` (pending for it, once delivered)."""
+    entry = push(r, name, amount)
+    counters_group(r)
+    got = r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=1000)
+    assert entry in [i for i, _ in got[0][1]]
+    return entry
+
+
+def counters_group(r: redis.Redis) -> None:
+    """The consumer group, created from the start of the stream if missing."""
+    try:
+        r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 def push_random(
     r: redis.Redis,
     n: int,

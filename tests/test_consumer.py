@@ -12,6 +12,7 @@ from helpers import (
     apply_events,
     bookkeeping_keys,
     dead_letters,
+    delivered_to,
     drained,
     log_of,
     pending_ids,
@@ -132,9 +133,7 @@ def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_grou
 ) -> None:
     push(r, "d", 1)
     gone = push(r, "d", 10)
-    push(r, "d", 100)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=10)
+    delivered_to(r, "dead", "d", 100)
     r.xdel(STREAM, gone)
     time.sleep(0.15)
     consumer = make_consumer(claim_idle_ms=100)
@@ -215,9 +214,7 @@ def test_counter_held_by_another_replica_mid_stream_is_counted_once_released(
 def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_again(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    entry = push(r, "once", 4)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "crashed", {STREAM: ">"}, count=10)
+    entry = delivered_to(r, "crashed", "once", 4)
     # The crashed replica took the lock and applied, then died before XACK.
     r.set(counters.lane_key("once", "me"), "t-crashed", px=50)
     parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
@@ -234,9 +231,7 @@ def test_own_pending_entries_after_a_restart_are_counted_at_once_without_a_claim
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
     # Delivered once, to our name only: no other replica's lane can matter.
-    push(r, "mine", 2)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "w1", {STREAM: ">"}, count=10)
+    delivered_to(r, "w1", "mine", 2)
     consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
     consumer.step()  # reads its own pending list first
     assert values(r, {"mine"}) == {"mine": 2}
@@ -248,9 +243,7 @@ def test_own_pending_entry_claimed_by_a_predecessor_waits_one_lock_ttl_after_a_r
 ) -> None:
     # Our predecessor claimed it from w0, which may still hold its lane: it waits until
     # every lock taken before the restart has expired, not CLAIM_IDLE_MS.
-    entry = push(r, "mine", 2)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
+    entry = delivered_to(r, "w0", "mine", 2)
     r.xclaim(STREAM, GROUP, "w1", 0, [entry])
     r.set(counters.lane_key("mine", "w0"), "a-replica-w1-claimed-from", px=300)
     consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
@@ -388,9 +381,7 @@ def test_busy_lock_with_zero_lock_wait_does_not_spin_on_redis(
 def test_entry_handed_to_a_batch_twice_is_counted_once(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    entry = push(r, "twice", 3)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
+    entry = delivered_to(r, "live", "twice", 3)
     consumer = make_consumer(claim_idle_ms=600_000)
     fields = [b"counter", b"twice", b"amount", b"3"]
     consumer.process([Delivery(entry, fields, 1), Delivery(entry, fields, 2)])

@@ -15,6 +15,7 @@ from helpers import (
     MakeConsumer,
     apply_events,
     bookkeeping_keys,
+    delivered_to,
     drained,
     log_of,
     push,
@@ -24,12 +25,42 @@ from helpers import (
 
 from worker import counters, stream
 from worker.connection import ensure_group
+from worker.consumer import Consumer
 from worker.events import parse
 
 
 def owner_of(r: redis.Redis, entry: bytes) -> bytes:
     (info,) = r.xpending_range(STREAM, GROUP, entry, entry, 1)
     return bytes(info["consumer"])
+
+
+def in_hand_behind_our_busy_lane(
+    r: redis.Redis, make_consumer: MakeConsumer, amount: int, **settings: Any
+) -> tuple[Consumer, bytes]:
+    """A consumer "live" that read one entry of counter "hot" and keeps it in hand, because
+    someone holds live's lane on "hot"."""
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
+    x = push(r, "hot", amount)
+    consumer = make_consumer(lock_wait_ms=0, **settings)
+    consumer.step()
+    assert [e.entry_id for e in consumer._deferred] == [x]
+    return consumer, x
+
+
+def claimed_away_and_back(r: redis.Redis, x: bytes, s_lane_ms: int | None = None) -> None:
+    """S claims X (and, with ``s_lane_ms``, holds its lane, X confirmed), then X comes back
+    to our name (say, by a twin): two more deliveries."""
+    r.xclaim(STREAM, GROUP, "S", 0, [x])
+    if s_lane_ms is not None:
+        r.set(counters.lane_key("hot", "S"), "s-token", px=s_lane_ms)
+    r.xclaim(STREAM, GROUP, "live", 0, [x])
+
+
+def s_writes(r: redis.Redis, x: bytes, amount: int) -> None:
+    """S's apply of X, under its lane, as S would send it after its confirm."""
+    event = parse(x, [b"counter", b"hot", b"amount", str(amount).encode()])
+    result = apply_events(r, "hot", "s-token", [event], lanes=("S",))
+    assert result.outcome is counters.Outcome.APPLIED
 
 
 def test_replica_applies_its_own_entries_while_another_replica_holds_its_lane_on_the_counter(
@@ -49,9 +80,7 @@ def test_replica_applies_its_own_entries_while_another_replica_holds_its_lane_on
 def test_entry_claimed_from_a_replica_waits_for_that_replicas_lane_and_counts_once(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    entry = push(r, "c", 5)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "stuck", {STREAM: ">"}, count=10)
+    entry = delivered_to(r, "stuck", "c", 5)
     # "stuck" holds its lane: it may still be writing the entry it confirmed.
     r.set(counters.lane_key("c", "stuck"), "stuck-token", px=60_000)
     time.sleep(0.15)  # idle for CLAIM_IDLE_MS
@@ -84,22 +113,15 @@ def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expir
     # We keep X in hand behind our busy lane; S claims X and confirms it under its lane;
     # X comes back to our name (say, by a twin). Without the hold we would apply, ack and
     # clear the marker, and S's write would then count X a second time.
-    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
-    x = push(r, "hot", 6)
-    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
-    consumer.step()
-    assert [e.entry_id for e in consumer._deferred] == [x]
-    r.xclaim(STREAM, GROUP, "S", 0, [x])
-    r.set(counters.lane_key("hot", "S"), "s-token", px=300)
-    r.xclaim(STREAM, GROUP, "live", 0, [x])  # back to our name
+    consumer, x = in_hand_behind_our_busy_lane(
+        r, make_consumer, 6, lock_ttl_ms=300, claim_idle_ms=600_000
+    )
+    claimed_away_and_back(r, x, s_lane_ms=300)
     r.delete(counters.lane_key("hot", "live"))
     consumer.step()
     assert values(r, {"hot"}) == {"hot": 0}  # held: S may still write it
     assert [e.entry_id for e in consumer._held] == [x]
-    event = parse(x, [b"counter", b"hot", b"amount", b"6"])
-    assert apply_events(r, "hot", "s-token", [event], lanes=("S",)).outcome is (
-        counters.Outcome.APPLIED
-    )
+    s_writes(r, x, 6)
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot"}) == {"hot": 6}
     assert consumer.stats.duplicates == 1
@@ -108,11 +130,7 @@ def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expir
 def test_entry_in_hand_claimed_back_from_another_replica_then_needs_that_replicas_lane(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
-    x = push(r, "hot", 2)
-    consumer = make_consumer(lock_wait_ms=0, claim_idle_ms=100)
-    consumer.step()
-    assert [e.entry_id for e in consumer._deferred] == [x]
+    consumer, x = in_hand_behind_our_busy_lane(r, make_consumer, 2, claim_idle_ms=100)
     r.xclaim(STREAM, GROUP, "S", 0, [x])  # S took it, then stalled with its lane held
     r.set(counters.lane_key("hot", "S"), "s-token", px=60_000)
     r.delete(counters.lane_key("hot", "live"))
@@ -130,9 +148,7 @@ def test_entry_in_hand_claimed_back_from_another_replica_then_needs_that_replica
 def test_claimed_and_own_entries_of_one_counter_count_once_and_leave_no_lane_or_marker(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    push(r, "two", 4)
-    ensure_group(r, STREAM, GROUP)
-    r.xreadgroup(GROUP, "gone", {STREAM: ">"}, count=10)
+    delivered_to(r, "gone", "two", 4)
     push(r, "two", 1)
     time.sleep(0.15)
     consumer = make_consumer()
@@ -146,23 +162,17 @@ def test_entry_claimed_away_and_back_is_held_even_when_its_counter_is_busy(
 ) -> None:
     # Found busy and delivered again in the same attempt: held, not retried a moment later
     # with its new delivery count looking unchanged.
-    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
-    x = push(r, "hot", 6)
-    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
-    consumer.step()
-    r.xclaim(STREAM, GROUP, "S", 0, [x])
-    r.set(counters.lane_key("hot", "S"), "s-token", px=300)
-    r.xclaim(STREAM, GROUP, "live", 0, [x])
+    consumer, x = in_hand_behind_our_busy_lane(
+        r, make_consumer, 6, lock_ttl_ms=300, claim_idle_ms=600_000
+    )
+    claimed_away_and_back(r, x, s_lane_ms=300)
     consumer.step()  # our lane still busy, and X came back: held
     assert [e.entry_id for e in consumer._held] == [x]
     assert consumer._deferred == []
     r.delete(counters.lane_key("hot", "live"))
     consumer.step()
     assert values(r, {"hot"}) == {"hot": 0}
-    event = parse(x, [b"counter", b"hot", b"amount", b"6"])
-    assert apply_events(r, "hot", "s-token", [event], lanes=("S",)).outcome is (
-        counters.Outcome.APPLIED
-    )
+    s_writes(r, x, 6)
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot"}) == {"hot": 6}
 
@@ -170,13 +180,10 @@ def test_entry_claimed_away_and_back_is_held_even_when_its_counter_is_busy(
 def test_entry_kept_in_hand_found_delivered_again_by_the_keep_ours_claim_is_held(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
-    x = push(r, "hot", 1)
-    consumer = make_consumer(lock_ttl_ms=300, lock_wait_ms=0, claim_idle_ms=600_000)
-    consumer.step()
-    assert [e.entry_id for e in consumer._deferred] == [x]
-    r.xclaim(STREAM, GROUP, "S", 0, [x])
-    r.xclaim(STREAM, GROUP, "live", 0, [x])
+    consumer, x = in_hand_behind_our_busy_lane(
+        r, make_consumer, 1, lock_ttl_ms=300, claim_idle_ms=600_000
+    )
+    claimed_away_and_back(r, x)
     consumer._deferred_since = time.monotonic() - 600  # due for its keep-ours claim
     before = time.monotonic()
     consumer._keep_deferred_ours()
