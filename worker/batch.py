@@ -31,55 +31,23 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Container, Generator, Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import redis
 import structlog
 
 from config import Settings
-from worker import counters, scripts, stream
+from worker import counters, stream
 from worker.backoff import Backoff
-from worker.connection import is_transient
 from worker.counters import Group
 from worker.events import Event
+from worker.lanes import LateClears, lanes_of
 from worker.lock import Locks
+from worker.outcome import BatchOutcome, Stats
 from worker.scripts import Call, Pipe, Round
 
 Attempt = Generator[Round, list[Any], dict[str, list[Event]]]
 """One attempt: yields rounds, receives their replies, returns the groups whose lock was busy."""
-
-
-@dataclass(slots=True)
-class Stats:
-    applied: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    write_failures: int = 0
-    lock_lost: int = 0
-    lock_busy: int = 0
-    reclaimed: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    lost: list[Event] = field(default_factory=list)
-    """Not written because the lock was lost (or Redis refused for now): retry them."""
-    failed: list[tuple[Event, str]] = field(default_factory=list)
-    """The write failed for these entries: (entry, Redis' error). They stay pending."""
-    busy: list[Event] = field(default_factory=list)
-    """Their counter's lock stayed busy for LOCK_WAIT_MS."""
-    applied: int = 0
-    duplicates: int = 0
-    refused: str = ""
-    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
-    lock_wait_ms: float = 0.0
-    """Time spent waiting (holding no lock) for busy counters."""
-    held: list[Event] = field(default_factory=list)
-    """Delivered again since they were read: to hold for LOCK_TTL_MS before applying."""
 
 
 class BatchApplier:
@@ -102,8 +70,8 @@ class BatchApplier:
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
         """Counters of the last attempt: they take turns with waiting replicas."""
-        self._late: list[tuple[float, str, list[bytes]]] = []
-        """(due, counter, entry ids): markers to clear once due (``clear_late``)."""
+        self.late = LateClears(client, self.stream_key, settings.lock_ttl_ms, log)
+        """Markers of finishes that lost a lane, cleared later (the consumer runs it)."""
         self._queued: set[str] = set()
         """Counters we found busy and have not had since: they take turns too, so that the
         attempt that gets one clears our place in line."""
@@ -163,7 +131,7 @@ class BatchApplier:
         s = self.s
         me = s.consumer
         batch = [h for items in groups.values() for h in items]
-        lanes, others = self._lanes(groups, any(h.owner is not None for h in batch))
+        lanes, others = lanes_of(groups, me, any(h.owner is not None for h in batch))
         # Lanes we just had or wanted first: only those take turns with waiting replicas.
         recent, queued = self._recent, self._queued
         keys = [k for n in groups for k in lanes[n]]
@@ -285,62 +253,8 @@ class BatchApplier:
             elif reply == 0 and acked.get(name):
                 # A lane expired before the finish: its markers stay until no replica that
                 # confirmed these entries before our XACK can write any more.
-                ids = [h.entry_id for h in acked[name]]
-                self._late.append((time.monotonic() + settle_s(s.lock_ttl_ms), name, ids))
-                self.log.warning(
-                    "lock lane lost before the finish: entry markers cleared later",
-                    counter=name,
-                    entries=len(ids),
-                )
+                self.late.add(name, acked[name])
         return busy
-
-    def clear_late(self) -> None:
-        """Clear the markers kept by finishes that had lost a lane, once due: LOCK_TTL_MS
-        after their XACK every lock taken before it has expired, so nobody can still write
-        those entries (docs/design-lock-lanes.md, rule B)."""
-        if not self._late:
-            return
-        now = time.monotonic()
-        due = [item for item in self._late if item[0] <= now]
-        if not due:
-            return
-        self._late = [item for item in self._late if item[0] > now]
-        marker, src = counters.entry_marker, self.stream_key
-        calls = [
-            Call.command("ZREM", counters.applied_key(n), *[marker(src, i) for i in ids])
-            for _, n, ids in due
-        ]
-        try:
-            results = scripts.run(self.client, calls)
-        except redis.RedisError:
-            self._late = due + self._late
-            raise
-        for item, result in zip(due, results, strict=True):
-            if isinstance(result, Exception):
-                if is_transient(result):  # e.g. READONLY during a failover: next turn
-                    self._late.append(item)
-                else:
-                    self.log.warning(
-                        "could not clear entry markers", counter=item[1], error=str(result)
-                    )
-
-    def _lanes(
-        self, groups: dict[str, list[Event]], claimed: bool
-    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """Per counter, the lock lanes its entries need: ours first, then the lane of every
-        consumer one of them was claimed from (docs/design-lock-lanes.md); and, for the
-        counters that need such lanes, those consumers (in the same order)."""
-        me = self.s.consumer
-        lane = counters.lane_key
-        lanes = {name: [lane(name, me)] for name in groups}
-        others: dict[str, list[str]] = {}
-        if claimed:  # some entry has an owner (else: none needs more than our lane)
-            for name, items in groups.items():
-                owners = sorted({h.owner for h in items if h.owner is not None and h.owner != me})
-                if owners:
-                    others[name] = owners
-                    lanes[name] += [lane(name, o) for o in owners]
-        return lanes, others
 
     def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
         """The first apply call for ``work``. A repeated event_id inside the batch rides on
@@ -480,12 +394,6 @@ class Plan(NamedTuple):
     followers: dict[bytes, list[Event]]
     call: Call
     lanes: dict[str, list[str]]
-
-
-def settle_s(lock_ttl_ms: int) -> float:
-    """Seconds after which every lock taken before now has expired by Redis' clock:
-    LOCK_TTL_MS, plus a margin for clock rates and whole-millisecond expiry (10% + 10 ms)."""
-    return lock_ttl_ms * 1.1 / 1000 + 0.01
 
 
 QUEUED_MAX = 10_000

@@ -28,12 +28,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import BatchApplier, Stats, settle_s
+from worker.batch import BatchApplier
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.errors import GroupDeleted, InvalidEvent
 from worker.events import Event
 from worker.flow import Flow, Job
+from worker.lanes import settle_s
+from worker.outcome import Stats
 from worker.reclaim import Reclaimer
 from worker.scripts import Pipe
 from worker.stream import Delivery
@@ -119,7 +121,7 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
-        self.applier.clear_late()
+        self.applier.late.run()
         if self._held:
             self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
             now = time.monotonic()

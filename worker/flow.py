@@ -23,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.batch import Attempt, BatchApplier, BatchOutcome
+from worker.batch import Attempt, BatchApplier
 from worker.deadletter import Rejected
 from worker.events import Event
+from worker.outcome import BatchOutcome
 from worker.scripts import Call, Pipe, Round
 from worker.stream import Delivery, parse_new
 
