@@ -273,3 +273,32 @@ def test_held_entry_on_an_idle_stream_stays_ours_and_is_counted_when_due(
         consumer.step()
         assert time.monotonic() - started < 2.0
     assert values(r, {"a"}) == {"a": 4}
+
+
+def test_entry_claimed_away_and_back_between_two_batches_in_flight_is_held(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # The back-to-back flow: the entry changes hands just before its batch's lock round.
+    for _ in range(100):
+        push(r, "hot", 1)
+    consumer = make_consumer(batch_size=20, lock_ttl_ms=300, claim_idle_ms=600_000)
+    consumer.step()  # our (empty) pending list, then one batch on its own
+    send = consumer.pipe.send
+    locks: list[bytes] = []
+
+    def claim_one_before_the_third_lock(rounds: Any) -> None:
+        if any(step.step == "lock" for step in rounds):
+            if len(locks) == 2:
+                newest = r.xpending_range(STREAM, GROUP, "-", "+", 1000, "live")[-1]
+                claimed_away_and_back(r, newest["message_id"], s_lane_ms=300)
+            locks.append(b"")
+        send(rounds)
+
+    consumer.pipe.send = claim_one_before_the_third_lock  # type: ignore[method-assign]
+    consumer.step()  # batches back to back: all but the entry that came back
+    (held,) = consumer._held
+    assert held.deliveries == 3
+    s_writes(r, held.entry_id, 1)  # S, which confirmed it, writes it now
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"hot"}) == {"hot": 100}
+    assert consumer.stats.duplicates == 1
