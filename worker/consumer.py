@@ -74,9 +74,9 @@ class Consumer:
         )
         self._deferred: list[Event] = []
         self._held: list[Event] = []
+        """Entries not to apply before their ``not_before`` (kept in hand, still pending)."""
         self._claim_now = False
         """Claim what is in hand on the next keep-ours check, not CLAIM_IDLE_MS / 3 later."""
-        """Entries not to apply before their ``not_before`` (kept in hand, still pending)."""
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
