@@ -302,3 +302,16 @@ def test_entry_claimed_away_and_back_between_two_batches_in_flight_is_held(
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot"}) == {"hot": 100}
     assert consumer.stats.duplicates == 1
+
+
+def test_keeping_thousands_of_entries_ours_claims_them_all(r: redis.Redis) -> None:
+    # More ids than one script call can unpack into one XCLAIM.
+    ensure_group(r, STREAM, GROUP)
+    pipe = r.pipeline(transaction=False)
+    for _ in range(9_000):
+        pipe.xadd(STREAM, {"counter": "many", "amount": 1})
+    ids = pipe.execute()
+    r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10_000)
+    got = stream.claim_own(r, STREAM, GROUP, "live", ids)
+    assert len(got) == 9_000
+    assert set(got.values()) == {1}

@@ -129,12 +129,17 @@ def claim_own(
 ) -> dict[bytes, int]:
     """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
     time reset, no delivery counted), with their delivery counts (see claim_own.lua)."""
-    if not ids:
-        return {}
-    (reply,) = scripts.run(client, [claim_own_call(stream, group, consumer, ids)])
-    if isinstance(reply, Exception):
-        raise reply
-    return parse_claim_own(reply)
+    chunk = 1000  # Lua unpacks at most ~8,000 values into one command
+    calls = [
+        claim_own_call(stream, group, consumer, ids[i : i + chunk])
+        for i in range(0, len(ids), chunk)
+    ]
+    found: dict[bytes, int] = {}
+    for reply in scripts.run(client, calls) if calls else []:
+        if isinstance(reply, Exception):
+            raise reply
+        found.update(parse_claim_own(reply))
+    return found
 
 
 def claim_own_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
