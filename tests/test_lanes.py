@@ -107,20 +107,28 @@ def test_keeping_entries_ours_never_claims_an_entry_pending_for_another_consumer
     assert owner_of(r, theirs) == b"other"
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["our-lane-free", "our-lane-busy"])
 def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expire(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, busy: bool
 ) -> None:
     # We keep X in hand behind our busy lane; S claims X and confirms it under its lane;
     # X comes back to our name (say, by a twin). Without the hold we would apply, ack and
-    # clear the marker, and S's write would then count X a second time.
+    # clear the marker, and S's write would then count X a second time. If our lane is
+    # still busy when we see X came back, X is held all the same, not retried a moment
+    # later with its new delivery count looking unchanged.
     consumer, x = in_hand_behind_our_busy_lane(
         r, make_consumer, 6, lock_ttl_ms=300, claim_idle_ms=600_000
     )
     claimed_away_and_back(r, x, s_lane_ms=300)
-    r.delete(counters.lane_key("hot", "live"))
+    if not busy:
+        r.delete(counters.lane_key("hot", "live"))
     consumer.step()
-    assert values(r, {"hot"}) == {"hot": 0}  # held: S may still write it
     assert [e.entry_id for e in consumer._held] == [x]
+    assert consumer._deferred == []
+    if busy:
+        r.delete(counters.lane_key("hot", "live"))
+        consumer.step()
+    assert values(r, {"hot"}) == {"hot": 0}  # held: S may still write it
     s_writes(r, x, 6)
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot"}) == {"hot": 6}
@@ -155,26 +163,6 @@ def test_claimed_and_own_entries_of_one_counter_count_once_and_leave_no_lane_or_
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"two"}) == {"two": 5}
     assert bookkeeping_keys(r) == []
-
-
-def test_entry_claimed_away_and_back_is_held_even_when_its_counter_is_busy(
-    r: redis.Redis, make_consumer: MakeConsumer
-) -> None:
-    # Found busy and delivered again in the same attempt: held, not retried a moment later
-    # with its new delivery count looking unchanged.
-    consumer, x = in_hand_behind_our_busy_lane(
-        r, make_consumer, 6, lock_ttl_ms=300, claim_idle_ms=600_000
-    )
-    claimed_away_and_back(r, x, s_lane_ms=300)
-    consumer.step()  # our lane still busy, and X came back: held
-    assert [e.entry_id for e in consumer._held] == [x]
-    assert consumer._deferred == []
-    r.delete(counters.lane_key("hot", "live"))
-    consumer.step()
-    assert values(r, {"hot"}) == {"hot": 0}
-    s_writes(r, x, 6)
-    turn_until(consumer, lambda: drained(r))
-    assert values(r, {"hot"}) == {"hot": 6}
 
 
 def test_entry_kept_in_hand_found_delivered_again_by_the_keep_ours_claim_is_held(
@@ -315,3 +303,24 @@ def test_keeping_thousands_of_entries_ours_claims_them_all(r: redis.Redis) -> No
     got = stream.claim_own(r, STREAM, GROUP, "live", ids)
     assert len(got) == 9_000
     assert set(got.values()) == {1}
+
+
+def test_entry_back_in_hand_after_an_outage_is_claimed_ours_at_once(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # Idle through the outage, nearly CLAIM_IDLE_MS: our first keep-ours claim must not
+    # wait another CLAIM_IDLE_MS / 3, or another replica takes it (a delivery more).
+    ensure_group(r, STREAM, GROUP)
+    x = delivered_to(r, "w0", "a", 4)
+    r.xclaim(STREAM, GROUP, "live", 0, [x])  # two deliveries: held after a reset
+    options = {"lock_ttl_ms": 300, "claim_idle_ms": 500}
+    consumer = make_consumer(**options)
+    other = make_consumer(consumer="other", **options)
+    time.sleep(0.4)  # the outage
+    consumer._reset_after_error()
+    consumer.step()
+    assert [e.entry_id for e in consumer._held] == [x]
+    time.sleep(0.15)  # 0.55 s since the claim, had nobody touched it
+    assert other.reclaimer.claim(10).claimed == []
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"a"}) == {"a": 4}

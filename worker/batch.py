@@ -69,11 +69,11 @@ class BatchApplier:
         self.locks = Locks(client, settings.lock_ttl_ms)
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
-        """Counters of the last attempt: they take turns with waiting replicas."""
+        """Lanes of the last attempt: they take turns with waiting replicas."""
         self.late = LateClears(client, self.stream_key, settings.lock_ttl_ms, log)
         """Markers of finishes that lost a lane, cleared later (the consumer runs it)."""
         self._queued: set[str] = set()
-        """Counters we found busy and have not had since: they take turns too, so that the
+        """Lanes we found busy and have not had since: they take turns too, so that the
         attempt that gets one clears our place in line."""
 
     def apply_all(self, held: list[Event]) -> BatchOutcome:
@@ -131,7 +131,7 @@ class BatchApplier:
         s = self.s
         me = s.consumer
         batch = [h for items in groups.values() for h in items]
-        lanes, others = lanes_of(groups, me, any(h.owner is not None for h in batch))
+        lanes, others = lanes_of(groups, me)
         # Lanes we just had or wanted first: only those take turns with waiting replicas.
         recent, queued = self._recent, self._queued
         keys = [k for n in groups for k in lanes[n]]

@@ -209,13 +209,8 @@ class Consumer:
         entries of ``hold`` wait LOCK_TTL_MS from now (``_read_backlog``)."""
         job = self.prepare(batch, with_deferred=True)
         if hold:
-            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
-            waiting = [e for e in job.valid if e.entry_id in hold]
-            for event in waiting:
-                event.not_before = until
-            if waiting:
-                self._hold(waiting)
-                job.valid = [e for e in job.valid if e.entry_id not in hold]
+            self._hold([e for e in job.valid if e.entry_id in hold])
+            job.valid = [e for e in job.valid if e.entry_id not in hold]
         if job.valid:
             job.outcome = self.applier.apply_all(job.valid)
         refused = self.conclude(job)
@@ -260,11 +255,7 @@ class Consumer:
         outcome = job.outcome
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
-        if outcome.held:
-            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
-            for event in outcome.held:
-                event.not_before = until
-            self._hold(outcome.held)
+        self._hold(outcome.held)
         self._keep_deferred_ours()
         progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
         if self._deferred and not progress and stall:
@@ -289,8 +280,12 @@ class Consumer:
         return outcome.refused
 
     def _hold(self, waiting: list[Event]) -> None:
-        """Keep entries in hand, unapplied, until their ``not_before``."""
+        """Keep entries in hand, unapplied, until every lock taken before now has expired.
+        Called right after the reply that showed their past owners are unknown."""
         if waiting:
+            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
+            for event in waiting:
+                event.not_before = until
             self._held += waiting
             self.log.info(
                 "entries held until every lock taken before them has expired",
@@ -321,18 +316,14 @@ class Consumer:
         s = self.s
         ids = [e.entry_id for e in (*self._deferred, *self._held)]
         still = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
-        until = time.monotonic() + settle_s(s.lock_ttl_ms)  # from the reply on
-        again = [e for e in self._deferred if still.get(e.entry_id, 0) > e.deliveries]
-        self._deferred = [e for e in self._deferred if 0 < still.get(e.entry_id, 0) <= e.deliveries]
-        self._held = [e for e in self._held if e.entry_id in still]
-        for event in self._held:
-            if still[event.entry_id] > event.deliveries:  # away and back again: wait anew
-                event.deliveries = still[event.entry_id]
-                event.not_before = max(event.not_before, until)
+        in_hand = [e for e in (*self._deferred, *self._held) if e.entry_id in still]
+        again = [e for e in in_hand if still[e.entry_id] > e.deliveries]  # away and back
         for event in again:
             event.deliveries = still[event.entry_id]
-            event.not_before = until
-        self._hold(again)
+        keep = still.keys() - {e.entry_id for e in again}
+        self._deferred = [e for e in self._deferred if e.entry_id in keep]
+        self._held = [e for e in self._held if e.entry_id in keep]
+        self._hold(again)  # (held ones wait anew, from this reply)
         self._deferred_since = now
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:

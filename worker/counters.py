@@ -104,8 +104,7 @@ def apply_call(
     for group in groups:
         name, events = group.name, group.events
         its = lanes[name]
-        keys += (value_key(name), applied_key(name))
-        add_keys(its)
+        add_keys((value_key(name), applied_key(name), *its))
         if len(events) == 1:  # the common case with many counters: no loops, no lists
             event = events[0]
             total = "" if group.probe else event.delta

@@ -28,16 +28,15 @@ def settle_s(lock_ttl_ms: int) -> float:
 
 
 def lanes_of(
-    groups: dict[str, list[Event]], me: str, claimed: bool
+    groups: dict[str, list[Event]], me: str
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Per counter, the lane keys its entries need: ours first, then the lane of every
     consumer one of them was claimed from; and, for the counters that need such lanes,
-    those consumers (in the same order). ``claimed``: some entry has an owner (else none
-    needs more than our lane, and the entries are not looked at)."""
+    those consumers (in the same order)."""
     lane = counters.lane_key
     lanes = {name: [lane(name, me)] for name in groups}
     others: dict[str, list[str]] = {}
-    if claimed:
+    if any(h.owner is not None for items in groups.values() for h in items):
         for name, items in groups.items():
             owners = sorted({h.owner for h in items if h.owner is not None and h.owner != me})
             if owners:

@@ -33,13 +33,6 @@ end
 
 -- nil when the caller's token holds every lane KEYS[lanes .. lanes+m-1], else the reply
 local function fenced(lanes, m)
-  if m == 1 then -- the common case: our own lane only
-    local holder = redis.pcall('GET', KEYS[lanes])
-    if holder == token then
-      return nil
-    end
-    return failed(holder) and {3, holder.err} or 0
-  end
   for i = lanes, lanes + m - 1 do
     local holder = redis.pcall('GET', KEYS[i])
     if failed(holder) then

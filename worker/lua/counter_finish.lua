@@ -8,7 +8,8 @@
 -- Markers are cleared only while the caller still holds every lane it took: then no
 -- replica that confirmed these entries pending before our XACK can still write them (see
 -- docs/design-lock-lanes.md). A free lane says nothing about a claimer down a chain, so if
--- any lane was lost the markers stay and expire by TTL. Each lane still ours is released.
+-- any lane was lost the markers stay (the caller clears them LOCK_TTL_MS later, see
+-- worker/lanes.py). Each lane still ours is released.
 -- Returns per counter: 1 markers cleared and every lane released, 0 some lane was no
 -- longer ours (markers kept, ours released), or an error text if a key has a wrong type.
 local replies = {}
