@@ -389,21 +389,24 @@ def test_entry_handed_to_a_batch_twice_is_counted_once(
     assert drained(r)
 
 
-def test_entries_kept_in_hand_behind_a_busy_lock_are_not_claimed_away(
+def test_every_entry_kept_in_hand_behind_a_busy_lock_is_kept_ours_not_claimed_away(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
+    # Several entries in hand: each must be claimed ours again, not only the first (a
+    # claimed-away entry bounces between replicas and ends dead-lettered).
     r.set(counters.lane_key("hot", "live"), "someone-else", px=10_000)
-    entry = push(r, "hot", 1)
-    consumer = make_consumer(claim_idle_ms=300, lock_ttl_ms=200, lock_wait_ms=20)
-    other = make_consumer(consumer="other", claim_idle_ms=300, lock_ttl_ms=200)
-    deadline = time.monotonic() + 1.0  # more than 3 x CLAIM_IDLE_MS in hand
+    entries = [push(r, "hot", amount) for amount in (1, 10, 100)]
+    options = {"claim_idle_ms": 1000, "lock_ttl_ms": 200}
+    consumer = make_consumer(lock_wait_ms=20, **options)
+    other = make_consumer(consumer="other", **options)
+    deadline = time.monotonic() + 2.5  # more than twice CLAIM_IDLE_MS in hand
     while time.monotonic() < deadline:
         consumer.step()
         assert other.reclaimer.claim(10).claimed == []  # never idle long enough to claim
-    (info,) = r.xpending_range(STREAM, GROUP, "-", "+", 10)
-    assert info["message_id"] == entry
-    assert info["consumer"] == b"live"
-    assert info["times_delivered"] == 1  # no delivery counted while it waited
+    pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)
+    assert [p["message_id"] for p in pending] == entries
+    assert {p["consumer"] for p in pending} == {b"live"}
+    assert {p["times_delivered"] for p in pending} == {1}  # no delivery counted meanwhile
     r.delete(counters.lane_key("hot", "live"))
     turn_until(consumer, lambda: drained(r))
-    assert values(r, {"hot"}) == {"hot": 1}
+    assert values(r, {"hot"}) == {"hot": 111}

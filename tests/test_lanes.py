@@ -300,9 +300,14 @@ def test_keeping_thousands_of_entries_ours_claims_them_all(r: redis.Redis) -> No
         pipe.xadd(STREAM, {"counter": "many", "amount": 1})
     ids = pipe.execute()
     r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10_000)
+    time.sleep(0.3)
     got = stream.claim_own(r, STREAM, GROUP, "live", ids)
     assert len(got) == 9_000
     assert set(got.values()) == {1}
+    # Every one of them was claimed again, not only the first of each chunk: none has
+    # been idle since the read.
+    pending = r.xpending_range(STREAM, GROUP, "-", "+", 10_000, idle=250)
+    assert pending == []
 
 
 def test_entry_back_in_hand_after_an_outage_is_claimed_ours_at_once(
