@@ -13,6 +13,7 @@ from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "STREAM_COUNTER_"
@@ -55,9 +56,21 @@ def redact_url(url: str) -> str:
 
 PositiveMs = Annotated[int, Field(ge=1)]
 
+MIN_CLAIM_IDLE_MS = 1_000
+"""Below this, an ordinary stall (a slow fsync, a pause of the process) makes entries still
+in hand look idle: other replicas claim them, every claim counts a delivery, and valid
+events end up dead-lettered."""
+MIN_LOCK_TTL_MS = 100
+"""A lock must outlive one batch's lock, apply and release round trips."""
+SHUTDOWN_MARGIN_MS = 1_000
+"""Beyond the read and the batch in progress: handing back and leaving the group."""
+
 
 class Settings(BaseSettings):
-    """Everything a replica needs. Field ``x`` is set by ``STREAM_COUNTER_X`` or ``--x``."""
+    """Everything a replica needs. Field ``x`` is set by ``STREAM_COUNTER_X`` or ``--x``.
+
+    The bounds between fields come from the protocol; ``docs/settings.md`` derives them.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -73,9 +86,9 @@ class Settings(BaseSettings):
     dead_letter_stream: str | None = None
     batch_size: int = Field(1000, ge=1, le=1000)
     block_ms: int = Field(1000, ge=1, le=60_000)
-    claim_idle_ms: int = Field(30_000, ge=10)
-    max_deliveries: int = Field(5, ge=1)
-    lock_ttl_ms: int = Field(10_000, ge=10)
+    claim_idle_ms: int = Field(30_000, ge=MIN_CLAIM_IDLE_MS)
+    max_deliveries: int = 5
+    lock_ttl_ms: int = Field(10_000, ge=MIN_LOCK_TTL_MS)
     lock_wait_ms: int = Field(2_000, ge=0)
     dedupe_window_ms: int = Field(86_400_000, ge=1_000)
     shutdown_grace_ms: int = Field(10_000, ge=0)
@@ -98,6 +111,16 @@ class Settings(BaseSettings):
         del port
         return value
 
+    @field_validator("max_deliveries")
+    @classmethod
+    def _survives_a_crash(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(
+                "must be at least 2: a crash of the replica holding an entry counts one "
+                "delivery, so with 1 a valid event would be dead-lettered after any crash"
+            )
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -112,21 +135,48 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent_times(self) -> Settings:
-        if self.claim_idle_ms <= self.lock_ttl_ms:
-            raise ValueError(
-                f"{ENV_PREFIX}CLAIM_IDLE_MS ({self.claim_idle_ms}) must be greater than "
-                f"{ENV_PREFIX}LOCK_TTL_MS ({self.lock_ttl_ms}): entries would be claimed away "
-                f"from a replica that still holds their lock"
-            )
-        if self.dedupe_window_ms < 10 * self.claim_idle_ms:
-            raise ValueError(
-                f"{ENV_PREFIX}DEDUPE_WINDOW_MS ({self.dedupe_window_ms}) must be at least 10 x "
-                f"{ENV_PREFIX}CLAIM_IDLE_MS ({self.claim_idle_ms}): the marker of an entry "
-                f"applied by a replica that died before acknowledging it must outlive the "
-                f"time it takes another replica to claim that entry"
-            )
+    def _consistent(self) -> Settings:
+        problems = self.conflicts()
+        if problems:
+            raise PydanticCustomError("settings_conflict", "\n".join(problems))
         return self
+
+    def conflicts(self) -> list[str]:
+        """One line per rule between fields that these settings break (docs/settings.md)."""
+        p = ENV_PREFIX
+        claim, ttl, wait = self.claim_idle_ms, self.lock_ttl_ms, self.lock_wait_ms
+        problems = []
+        if claim <= ttl:
+            problems.append(
+                f"{p}CLAIM_IDLE_MS ({claim}) must be greater than {p}LOCK_TTL_MS ({ttl}): "
+                f"entries would be claimed away from a replica that still holds their lock"
+            )
+        if wait > claim // 4:
+            problems.append(
+                f"{p}LOCK_WAIT_MS ({wait}) must be at most {p}CLAIM_IDLE_MS / 4 "
+                f"({claim // 4}): entries waiting for a busy lock must be claimed ours again "
+                f"(every CLAIM_IDLE_MS / 3) before they look idle to other replicas"
+            )
+        if self.dedupe_window_ms < 10 * claim:
+            problems.append(
+                f"{p}DEDUPE_WINDOW_MS ({self.dedupe_window_ms}) must be at least 10 x "
+                f"{p}CLAIM_IDLE_MS ({10 * claim}): the marker of an entry applied by a replica "
+                f"that died before acknowledging it must outlive the time it takes another "
+                f"replica to claim that entry"
+            )
+        stop = self.block_ms + wait + SHUTDOWN_MARGIN_MS
+        if self.shutdown_grace_ms < stop:
+            problems.append(
+                f"{p}SHUTDOWN_GRACE_MS ({self.shutdown_grace_ms}) must be at least "
+                f"{p}BLOCK_MS + {p}LOCK_WAIT_MS + {SHUTDOWN_MARGIN_MS} ({stop}): a clean stop "
+                f"finishes the read and the batch in progress, then hands back the rest"
+            )
+        if self.dead_letter == self.stream:
+            problems.append(
+                f"{p}DEAD_LETTER_STREAM ({self.dead_letter!r}) must differ from {p}STREAM: "
+                f"rejected entries would be read again, forever"
+            )
+        return problems
 
     @property
     def dead_letter(self) -> str:
@@ -135,6 +185,3 @@ class Settings(BaseSettings):
     @property
     def redacted_url(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
-
-    def env_name(self, field: str) -> str:
-        return ENV_PREFIX + field.upper()

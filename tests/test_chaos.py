@@ -29,7 +29,7 @@ from helpers import (
 pytestmark = pytest.mark.chaos
 
 FAST = {
-    "claim_idle_ms": 500,
+    "claim_idle_ms": 1000,
     "lock_ttl_ms": 300,
     "lock_wait_ms": 200,
     "block_ms": 100,
@@ -212,4 +212,31 @@ def test_connection_cuts_neither_lose_nor_dead_letter_valid_events(
     assert_exact(r, expected)
     for worker in workers:
         assert "redis unavailable; retrying" in worker.log()
+    stop_cleanly(*workers)
+
+
+def test_three_replicas_at_the_smallest_accepted_settings_dead_letter_no_valid_event(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    # No fault at all, but every timing at the edge the settings accept and three replicas
+    # on three hot counters: entries wait in hand behind busy lanes, are held and carried;
+    # none may look idle to another replica (each claim counts a delivery, and the second
+    # one would dead-letter a valid event).
+    r = redis_server.client()
+    expected = push_random(r, 30_000, names=3)
+    smallest = {
+        "claim_idle_ms": 1000,
+        "lock_ttl_ms": 100,
+        "lock_wait_ms": 250,
+        "block_ms": 1,
+        "shutdown_grace_ms": 1251,
+        "max_deliveries": 2,
+        "dedupe_window_ms": 10_000,
+        "batch_size": 10,
+    }
+    workers = [spawn_worker(redis_server.url, **smallest) for _ in range(3)]
+    wait_drained(r, 120)
+    assert_exact(r, expected)  # nothing dead-lettered
+    for worker in workers:
+        assert "claimed idle entries" not in worker.log()
     stop_cleanly(*workers)

@@ -104,13 +104,12 @@ def test_overflowing_batch_applies_what_fits_and_holds_back_the_rest(
     r.set(counters.value_key("big"), 2**63 - 10)
     push(r, "big", 5)
     too_much = push(r, "big", 100)
-    consumer = make_consumer(max_deliveries=1)
+    consumer = make_consumer()
     consumer.step()
     assert values(r, {"big"}) == {"big": 2**63 - 5}
-    (dead,) = dead_letters(r)
-    assert dead[b"source_id"] == too_much
-    assert b"overflow" in dead[b"error"]
-    assert pending_ids(r) == []
+    assert pending_ids(r) == [too_much]  # left for a retry (dead-lettered at MAX_DELIVERIES)
+    assert dead_letters(r) == []
+    assert "would overflow" in log_of(consumer)
 
 
 def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
@@ -119,10 +118,10 @@ def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
     expected = push_random(r, 300, names=5)
     ensure_group(r, STREAM, GROUP)
     r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=1000)  # delivered, then the reader died
-    consumer = make_consumer(claim_idle_ms=100)
+    consumer = make_consumer()
     consumer.step()
     assert values(r, set(expected)) != dict(expected)  # not idle long enough yet
-    time.sleep(0.15)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
     turn_until(consumer, lambda: drained(r))
     assert values(r, set(expected)) == dict(expected)
     assert consumer.stats.reclaimed == 300
@@ -135,8 +134,8 @@ def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_grou
     gone = push(r, "d", 10)
     delivered_to(r, "dead", "d", 100)
     r.xdel(STREAM, gone)
-    time.sleep(0.15)
-    consumer = make_consumer(claim_idle_ms=100)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
+    consumer = make_consumer()
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"d"}) == {"d": 101}
     assert gone.decode() in log_of(consumer)
@@ -219,8 +218,8 @@ def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_
     r.set(counters.lane_key("once", "me"), "t-crashed", px=50)
     parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
     assert apply_events(r, "once", "t-crashed", [parsed]).outcome is counters.Outcome.APPLIED
-    time.sleep(0.15)  # lock expired, entry idle: a live replica claims it
-    consumer = make_consumer(claim_idle_ms=100)
+    time.sleep(1.05)  # lock expired, entry idle for CLAIM_IDLE_MS: a live replica claims it
+    consumer = make_consumer()
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"once"}) == {"once": 4}
     assert consumer.stats.duplicates == 1
@@ -266,8 +265,8 @@ def test_entry_delivered_more_than_max_deliveries_is_dead_lettered(
         r.xreadgroup(GROUP, f"dead-{n}", {STREAM: "0" if n else ">"}, count=10)
         if n:
             r.xclaim(STREAM, GROUP, f"dead-{n}", 0, [poison])
-    time.sleep(0.15)
-    consumer = make_consumer(max_deliveries=3, claim_idle_ms=100)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
+    consumer = make_consumer(max_deliveries=3)
     turn_until(consumer, lambda: drained(r))
     (dead,) = dead_letters(r)
     assert dead[b"source_id"] == poison
@@ -289,15 +288,22 @@ def test_event_id_markers_expire_after_the_dedupe_window(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
     push(r, "w", 1, event_id="k")
-    consumer = make_consumer(dedupe_window_ms=1000)
+    window = 20_000  # the smallest window CLAIM_IDLE_MS=2000 accepts
+    consumer = make_consumer(dedupe_window_ms=window, claim_idle_ms=2000)
     turn_until(consumer, lambda: drained(r))
     key = counters.applied_key("w")
-    assert 0 < r.pttl(key) <= 1000
-    time.sleep(1.1)
+    assert window - 2000 < r.pttl(key) <= window
+    # The apply script's own expiry, with a window short enough to wait for:
+    retry = parse(b"9-9", [b"counter", b"w", b"event_id", b"k"])
+    r.set(counters.lane_key("w", "me"), "t", px=60_000)
+    assert apply_events(r, "w", "t", [retry], ttl_ms=60_000).outcome is (
+        counters.Outcome.ALREADY_APPLIED
+    )
+    r.pexpire(key, 200)  # as if the window were over
+    time.sleep(0.25)
     assert r.exists(key) == 0  # nothing left behind
-    push(r, "w", 1, event_id="k")  # a retry after the window counts again (documented)
-    turn_until(consumer, lambda: drained(r))
-    assert values(r, {"w"}) == {"w": 2}
+    assert apply_events(r, "w", "t", [retry], ttl_ms=300).outcome is counters.Outcome.APPLIED
+    assert values(r, {"w"}) == {"w": 2}  # a retry after the window counts again (documented)
 
 
 def test_same_entry_id_on_two_streams_feeding_one_counter_counts_both(

@@ -4,6 +4,7 @@ between replicas."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -138,11 +139,11 @@ def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expir
 def test_entry_in_hand_claimed_back_from_another_replica_then_needs_that_replicas_lane(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    consumer, x = in_hand_behind_our_busy_lane(r, make_consumer, 2, claim_idle_ms=100)
+    consumer, x = in_hand_behind_our_busy_lane(r, make_consumer, 2)
     r.xclaim(STREAM, GROUP, "S", 0, [x])  # S took it, then stalled with its lane held
     r.set(counters.lane_key("hot", "S"), "s-token", px=60_000)
     r.delete(counters.lane_key("hot", "live"))
-    time.sleep(0.15)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
     consumer.reclaimer.restart()
     consumer.step()  # our sweep claims it back: now S's lane is needed too
     assert owner_of(r, x) == b"live"
@@ -239,27 +240,53 @@ def test_after_a_lost_connection_only_entries_delivered_more_than_once_wait(
     assert values(r, {"a", "b"}) == {"a": 5, "b": 7}
 
 
+class IdleWatch:
+    """Samples, from another thread and connection, how long the pending entries have been
+    idle, as another replica's reclaim sweep would see them at any moment."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**r.connection_pool.connection_kwargs)
+        )
+        self.longest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            pending = self.client.xpending_range(STREAM, GROUP, "-", "+", 100)
+            self.longest = max([self.longest, *(p["time_since_delivered"] for p in pending)])
+
+    def __enter__(self) -> IdleWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 @pytest.mark.parametrize("block_ms", [50, 5_000], ids=["short-reads", "long-reads"])
-def test_held_entry_on_an_idle_stream_stays_ours_and_is_counted_when_due(
+def test_held_entry_on_an_idle_stream_never_looks_idle_and_is_counted_when_due(
     r: redis.Redis, make_consumer: MakeConsumer, block_ms: int
 ) -> None:
     # Held a little longer than CLAIM_IDLE_MS, with nothing new to read: keep-ours claims
-    # go on, and the read wakes up for it rather than blocking BLOCK_MS.
+    # go on while the read waits, and the read wakes up for them rather than blocking
+    # BLOCK_MS or until the entry is due.
     ensure_group(r, STREAM, GROUP)
     x = push(r, "a", 4)
     r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
     r.xclaim(STREAM, GROUP, "live", 0, [x])
-    options = {"lock_ttl_ms": 300, "claim_idle_ms": 320}
-    consumer = make_consumer(block_ms=block_ms, **options)
-    other = make_consumer(consumer="other", **options)
+    options = {"lock_ttl_ms": 950, "claim_idle_ms": 1000}  # held for 1.055 s
+    consumer = make_consumer(block_ms=block_ms, shutdown_grace_ms=10_000, **options)
     consumer._reset_after_error()
     started = time.monotonic()
-    consumer.step()
-    assert [e.entry_id for e in consumer._held] == [x]
-    while not drained(r):
-        assert other.reclaimer.claim(10).claimed == []  # never idle long enough
+    with IdleWatch(r) as watch:
         consumer.step()
-        assert time.monotonic() - started < 2.0
+        assert [e.entry_id for e in consumer._held] == [x]
+        turn_until(consumer, lambda: drained(r))
+    assert time.monotonic() - started < 3.0
+    assert 0 < watch.longest < 1000 * 2 / 3  # CLAIM_IDLE_MS / 3, and a turn at most
     assert values(r, {"a"}) == {"a": 4}
 
 
@@ -318,14 +345,14 @@ def test_entry_back_in_hand_after_an_outage_is_claimed_ours_at_once(
     ensure_group(r, STREAM, GROUP)
     x = delivered_to(r, "w0", "a", 4)
     r.xclaim(STREAM, GROUP, "live", 0, [x])  # two deliveries: held after a reset
-    options = {"lock_ttl_ms": 300, "claim_idle_ms": 500}
+    options = {"lock_ttl_ms": 600, "claim_idle_ms": 1000}
     consumer = make_consumer(**options)
     other = make_consumer(consumer="other", **options)
-    time.sleep(0.4)  # the outage
+    time.sleep(0.8)  # the outage
     consumer._reset_after_error()
     consumer.step()
     assert [e.entry_id for e in consumer._held] == [x]
-    time.sleep(0.15)  # 0.55 s since the claim, had nobody touched it
+    time.sleep(0.3)  # 1.1 s since the claim, had nobody touched it
     assert other.reclaimer.claim(10).claimed == []
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"a"}) == {"a": 4}

@@ -62,9 +62,7 @@ def test_names_of_dead_replicas_with_nothing_pending_are_removed_from_the_group(
     ((entry_a, _),) = r.xreadgroup(GROUP, "dead-idle", {STREAM: ">"}, count=1)[0][1]
     r.xack(STREAM, GROUP, entry_a)  # dead-idle: nothing pending
     r.xreadgroup(GROUP, "dead-busy", {STREAM: ">"}, count=1)  # dead-busy: one pending
-    settings = Settings(
-        redis_url=redis_server.url, consumer="live", claim_idle_ms=100, lock_ttl_ms=50
-    )
+    settings = Settings(redis_url=redis_server.url, consumer="live")
     reclaimer = Reclaimer(connect(settings), STREAM, GROUP, "live", 100)
     assert reclaimer.prune_consumers() == []  # not idle long enough yet
     time.sleep(1.1)  # 10 x CLAIM_IDLE_MS

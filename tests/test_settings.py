@@ -130,12 +130,12 @@ def test_env_vars_with_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "DEAD_LETTER_STREAM": "rejects",
         "BATCH_SIZE": "17",
         "BLOCK_MS": "200",
-        "CLAIM_IDLE_MS": "1234",
+        "CLAIM_IDLE_MS": "2345",
         "MAX_DELIVERIES": "9",
         "LOCK_TTL_MS": "555",
         "LOCK_WAIT_MS": "0",
         "DEDUPE_WINDOW_MS": "60000",
-        "SHUTDOWN_GRACE_MS": "500",
+        "SHUTDOWN_GRACE_MS": "1500",
         "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "console",
     }
@@ -145,9 +145,9 @@ def test_env_vars_with_prefix_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.redis_url.get_secret_value() == "redis://10.1.2.3:6390/4"
     assert (s.stream, s.group, s.consumer) == ("orders", "g1", "c-7")
     assert s.dead_letter == "rejects"
-    assert (s.batch_size, s.block_ms, s.claim_idle_ms, s.max_deliveries) == (17, 200, 1234, 9)
+    assert (s.batch_size, s.block_ms, s.claim_idle_ms, s.max_deliveries) == (17, 200, 2345, 9)
     assert (s.lock_ttl_ms, s.lock_wait_ms, s.dedupe_window_ms) == (555, 0, 60000)
-    assert s.shutdown_grace_ms == 500
+    assert s.shutdown_grace_ms == 1500
     assert s.log_level is LogLevel.WARNING
     assert s.log_format is LogFormat.CONSOLE
 
@@ -215,7 +215,7 @@ INVALID = [
         {"max_deliveries": "0"}, (), "STREAM_COUNTER_MAX_DELIVERIES", id="max-deliveries-0"
     ),
     pytest.param(
-        {"claim_idle_ms": "5000", "lock_ttl_ms": "10000"},
+        {"claim_idle_ms": "8000", "lock_ttl_ms": "10000", "lock_wait_ms": "1000"},
         (),
         "STREAM_COUNTER_CLAIM_IDLE_MS",
         id="claim-idle-not-above-lock-ttl",
@@ -269,6 +269,90 @@ def test_invalid_redis_url_flag_is_named_by_the_flag() -> None:
     assert proc.returncode == ExitCode.CONFIG
     assert "--redis-url" in proc.stderr
     assert "STREAM_COUNTER_REDIS_URL" not in proc.stderr
+
+
+# -- settings that cannot work: refused at start, one line per broken rule -----------------
+
+SMALLEST = {  # every bound at its edge, all together: accepted
+    "claim_idle_ms": "1000",
+    "lock_ttl_ms": "100",
+    "lock_wait_ms": "250",
+    "block_ms": "1",
+    "shutdown_grace_ms": "1251",
+    "max_deliveries": "2",
+    "dedupe_window_ms": "10000",
+    "batch_size": "1",
+}
+
+CANNOT_WORK = [
+    pytest.param({"max_deliveries": "1"}, ["MAX_DELIVERIES", "after any crash"], id="one-delivery"),
+    pytest.param({"claim_idle_ms": "999"}, ["CLAIM_IDLE_MS", "1000"], id="claim-idle-below-1s"),
+    pytest.param({"lock_ttl_ms": "99"}, ["LOCK_TTL_MS", "100"], id="lock-ttl-below-100ms"),
+    pytest.param(
+        {"lock_ttl_ms": "1000"}, ["CLAIM_IDLE_MS", "LOCK_TTL_MS"], id="ttl-not-below-claim"
+    ),
+    pytest.param(
+        {"lock_wait_ms": "251", "shutdown_grace_ms": "2000"},
+        ["LOCK_WAIT_MS", "CLAIM_IDLE_MS / 4"],
+        id="wait-above-claim/4",
+    ),
+    pytest.param(
+        {"shutdown_grace_ms": "1250"}, ["SHUTDOWN_GRACE_MS", "BLOCK_MS + "], id="grace-too-short"
+    ),
+    pytest.param({"shutdown_grace_ms": "0"}, ["SHUTDOWN_GRACE_MS"], id="grace-0"),
+    pytest.param(
+        {"dedupe_window_ms": "9999"}, ["DEDUPE_WINDOW_MS", "10 x"], id="window-below-10-claims"
+    ),
+    pytest.param(
+        {"stream": "orders", "dead_letter_stream": "orders"},
+        ["DEAD_LETTER_STREAM", "forever"],
+        id="dead-letters-into-the-stream-read",
+    ),
+]
+
+
+def test_every_bound_at_its_edge_is_accepted() -> None:
+    s = Settings(**SMALLEST)
+    assert (s.claim_idle_ms, s.lock_ttl_ms, s.lock_wait_ms) == (1000, 100, 250)
+    assert s.conflicts() == []
+
+
+@pytest.mark.parametrize(("change", "words"), CANNOT_WORK)
+def test_setting_that_cannot_work_is_refused_at_start_with_one_line_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    change: dict[str, str],
+    words: list[str],
+) -> None:
+    for key, value in {**SMALLEST, **change}.items():
+        monkeypatch.setenv(ENV_PREFIX + key.upper(), value)
+    with pytest.raises(SystemExit) as exited:
+        load_settings(build_parser().parse_args(["run"]))
+    assert exited.value.code == ExitCode.CONFIG
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("stream-counter: invalid configuration: STREAM_COUNTER_")
+    for word in words:
+        assert word in line
+    assert "Value error" not in line
+
+
+def test_several_broken_rules_are_each_refused_on_their_own_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    flags = ["run", "--lock-ttl-ms", "5000", "--claim-idle-ms", "4000", "--stream", "s"]
+    flags += ["--dead-letter-stream", "s", "--shutdown-grace-ms", "2000"]
+    with pytest.raises(SystemExit):
+        load_settings(build_parser().parse_args(flags))
+    lines = capsys.readouterr().err.strip().splitlines()
+    prefix = "stream-counter: invalid configuration: "
+    assert all(line.startswith(prefix) for line in lines)
+    named = [line.removeprefix(prefix).split(" ")[0] for line in lines]
+    assert named == [
+        "STREAM_COUNTER_CLAIM_IDLE_MS",  # 4000, not above LOCK_TTL_MS 5000
+        "STREAM_COUNTER_LOCK_WAIT_MS",  # 2000 (default), above 4000 / 4
+        "STREAM_COUNTER_SHUTDOWN_GRACE_MS",  # 2000, below 1000 + 2000 + 1000
+        "STREAM_COUNTER_DEAD_LETTER_STREAM",
+    ]
 
 
 # -- secrets -------------------------------------------------------------------------------

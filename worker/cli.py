@@ -95,14 +95,16 @@ def load_settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         for error in exc.errors():
-            if not error["loc"]:  # a rule between fields: the message names them
-                print(f"stream-counter: invalid configuration: {error['msg']}", file=sys.stderr)
+            if not error["loc"]:  # rules between fields: a line each, naming the fields
+                for line in error["msg"].splitlines():
+                    print(f"stream-counter: invalid configuration: {line}", file=sys.stderr)
                 continue
             field = str(error["loc"][0])
             source = _flag(field) if field in overrides else f"{ENV_PREFIX}{field.upper()}"
             shown = "" if field == "redis_url" else f" (got {scrub(repr(error.get('input')))})"
+            message = error["msg"].removeprefix("Value error, ")
             print(
-                f"stream-counter: invalid configuration: {source}: {error['msg']}{shown}",
+                f"stream-counter: invalid configuration: {source}: {message}{shown}",
                 file=sys.stderr,
             )
         raise SystemExit(ExitCode.CONFIG) from None

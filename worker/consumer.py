@@ -196,10 +196,14 @@ class Consumer:
         return stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
 
     def _block_ms(self) -> int:
-        """BLOCK_MS, or less: until the first held entry is due."""
-        if not self._held:
-            return self.s.block_ms
-        due = min(e.not_before for e in self._held) - time.monotonic()
+        """BLOCK_MS, or less: until the next reclaim sweep, the first held entry is due or
+        the entries in hand must be claimed ours again (else they would look idle)."""
+        wake = [self.reclaimer.next_sweep]
+        keep = self._keep_ours_due()
+        if keep is not None:
+            wake.append(keep)
+        wake += (e.not_before for e in self._held)
+        due = min(wake) - time.monotonic()
         return max(1, min(self.s.block_ms, int(due * 1000) + 1))
 
     # -- one batch -----------------------------------------------------------------------
@@ -307,10 +311,8 @@ class Consumer:
         if self._deferred_since is None and not self._claim_now:
             self._deferred_since = now
             return
-        if (
-            not self._claim_now
-            and now - (self._deferred_since or now) < self.s.claim_idle_ms / 3000
-        ):
+        due = self._keep_ours_due()
+        if due is None or now < due:
             return
         self._claim_now = False
         s = self.s
@@ -325,6 +327,16 @@ class Consumer:
         self._held = [e for e in self._held if e.entry_id in keep]
         self._hold(again)  # (held ones wait anew, from this reply)
         self._deferred_since = now
+
+    def _keep_ours_due(self) -> float | None:
+        """When the entries in hand must next be claimed ours (monotonic), if any are in hand:
+        every CLAIM_IDLE_MS / 3. With LOCK_WAIT_MS <= CLAIM_IDLE_MS / 4 (settings), no entry
+        in hand stays untouched for CLAIM_IDLE_MS (docs/settings.md)."""
+        if not self._deferred and not self._held:
+            return None
+        if self._claim_now or self._deferred_since is None:
+            return 0.0  # at once
+        return self._deferred_since + self.s.claim_idle_ms / 3000
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
         """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its

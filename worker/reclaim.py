@@ -50,6 +50,11 @@ class Reclaimer:
     def due(self) -> bool:
         return time.monotonic() >= self._next_sweep
 
+    @property
+    def next_sweep(self) -> float:
+        """When the next sweep is due (monotonic; in the past while a sweep is under way)."""
+        return self._next_sweep
+
     def claim(self, count: int) -> ClaimResult:
         """One page of the sweep: entries idle for CLAIM_IDLE_MS, now ours, with their
         delivery counts and previous owners (None when it was this consumer)."""
