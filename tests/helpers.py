@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -159,3 +160,29 @@ def pending_ids(r: redis.Redis) -> list[bytes]:
 
 def log_of(consumer: Consumer) -> str:
     return consumer.log_output.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+class IdleWatch:
+    """Samples, from another thread and connection, how long the pending entries have been
+    idle, as another replica's reclaim sweep would see them at any moment."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.client = redis.Redis(
+            connection_pool=redis.ConnectionPool(**r.connection_pool.connection_kwargs)
+        )
+        self.longest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            pending = self.client.xpending_range(STREAM, GROUP, "-", "+", 100)
+            self.longest = max([self.longest, *(p["time_since_delivered"] for p in pending)])
+
+    def __enter__(self) -> IdleWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 from helpers import (
     GROUP,
     STREAM,
+    IdleWatch,
     MakeConsumer,
     apply_events,
     bookkeeping_keys,
@@ -395,20 +397,23 @@ def test_entry_handed_to_a_batch_twice_is_counted_once(
     assert drained(r)
 
 
+@pytest.mark.parametrize("lock_wait_ms", [20, 250], ids=["short-wait", "longest-wait"])
 def test_every_entry_kept_in_hand_behind_a_busy_lock_is_kept_ours_not_claimed_away(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, lock_wait_ms: int
 ) -> None:
     # Several entries in hand: each must be claimed ours again, not only the first (a
     # claimed-away entry bounces between replicas and ends dead-lettered).
     r.set(counters.lane_key("hot", "live"), "someone-else", px=10_000)
     entries = [push(r, "hot", amount) for amount in (1, 10, 100)]
     options = {"claim_idle_ms": 1000, "lock_ttl_ms": 200}
-    consumer = make_consumer(lock_wait_ms=20, **options)
+    consumer = make_consumer(lock_wait_ms=lock_wait_ms, **options)
     other = make_consumer(consumer="other", **options)
     deadline = time.monotonic() + 2.5  # more than twice CLAIM_IDLE_MS in hand
-    while time.monotonic() < deadline:
-        consumer.step()
-        assert other.reclaimer.claim(10).claimed == []  # never idle long enough to claim
+    with IdleWatch(r) as watch:
+        while time.monotonic() < deadline:
+            consumer.step()
+            assert other.reclaimer.claim(10).claimed == []  # never idle long enough
+    assert watch.longest < 1000
     pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert [p["message_id"] for p in pending] == entries
     assert {p["consumer"] for p in pending} == {b"live"}

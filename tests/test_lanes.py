@@ -4,7 +4,6 @@ between replicas."""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import redis
 from helpers import (
     GROUP,
     STREAM,
+    IdleWatch,
     MakeConsumer,
     apply_events,
     bookkeeping_keys,
@@ -238,32 +238,6 @@ def test_after_a_lost_connection_only_entries_delivered_more_than_once_wait(
     assert ours not in [e.entry_id for e in consumer._held]
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"a", "b"}) == {"a": 5, "b": 7}
-
-
-class IdleWatch:
-    """Samples, from another thread and connection, how long the pending entries have been
-    idle, as another replica's reclaim sweep would see them at any moment."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.client = redis.Redis(
-            connection_pool=redis.ConnectionPool(**r.connection_pool.connection_kwargs)
-        )
-        self.longest = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.01):
-            pending = self.client.xpending_range(STREAM, GROUP, "-", "+", 100)
-            self.longest = max([self.longest, *(p["time_since_delivered"] for p in pending)])
-
-    def __enter__(self) -> IdleWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.parametrize("block_ms", [50, 5_000], ids=["short-reads", "long-reads"])
