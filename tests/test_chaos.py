@@ -7,6 +7,7 @@ marker is left behind.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -141,6 +142,30 @@ def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_work
     stop_cleanly(*workers)
 
 
+def test_entries_applied_before_an_outage_longer_than_the_dedupe_window_count_once(
+    aof_redis: Any, spawn_worker: Any
+) -> None:
+    # Killed between the apply and the XACK, then Redis is down for twice the window: the
+    # entry markers must outlive it, or the survivor counts the applied batch again.
+    r = aof_redis.client()
+    expected = push_random(r, 3000, names=10)
+    window = {"dedupe_window_ms": 1000}
+    fault = {"FAULT_STEP": "apply", "FAULT_WHEN": "after", "FAULT_NTH": "3"}
+    victim = spawn_worker(aof_redis.url, fault=fault, **FAST, **window)
+    victim.wait_for_log("fault injected")
+    assert victim.wait(10) == -signal.SIGKILL
+    aof_redis.kill()
+    time.sleep(2.0)
+    aof_redis.start()
+    r = aof_redis.client()
+    survivor = spawn_worker(aof_redis.url, **FAST, **window)
+    wait_drained(r, 60)
+    assert_exact(r, expected)
+    stop_cleanly(survivor)
+    (stopped,) = [json.loads(line) for line in survivor.log().splitlines() if '"stopped"' in line]
+    assert stopped["duplicates"] > 0  # the applied batch was found by its markers, not redone
+
+
 def test_producer_retries_with_the_same_event_id_are_counted_once(
     redis_server: Any, spawn_worker: Any
 ) -> None:
@@ -231,7 +256,7 @@ def test_three_replicas_at_the_smallest_accepted_settings_dead_letter_no_valid_e
         "block_ms": 1,
         "shutdown_grace_ms": 1251,
         "max_deliveries": 2,
-        "dedupe_window_ms": 10_000,
+        "dedupe_window_ms": 1000,
         "batch_size": 10,
     }
     workers = [spawn_worker(redis_server.url, **smallest) for _ in range(3)]

@@ -22,6 +22,7 @@ SRC = b"events"  # the stream the entries came from (part of entry markers)
 V, LOCK, APPLIED = value_key(NAME), lane_key(NAME, "me"), applied_key(NAME)
 LANES = {NAME: [LOCK]}
 TTL_MS = 60_000
+LOCK_TTL_MS = 10_000
 I64 = 2**63 - 1
 
 
@@ -39,7 +40,8 @@ def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS)
 
 def finish(r: redis.Redis, token: str, events: list[Event], lanes: list[str] | None = None) -> int:
     ids = [e.entry_id for e in events]
-    (raw,) = scripts.run(r, [counters.finish_call(SRC, token, [(NAME, lanes or [LOCK], ids)])])
+    call = counters.finish_call(SRC, token, [(NAME, lanes or [LOCK], ids)], LOCK_TTL_MS)
+    (raw,) = scripts.run(r, [call])
     (reply,) = raw
     return int(reply)
 
@@ -92,9 +94,10 @@ def test_apply_with_the_lock_adds_the_exact_sum_and_markers_with_a_ttl(r: redis.
     assert r.get(V) == b"13"
     got = markers(r)
     assert set(got) == {b"x:events|1-0", b"x:events|2-0", b"k:ev-a", b"x:events|3-0"}
-    for score in got.values():  # expiry time in ms, about now + TTL
-        assert before_ms + TTL_MS - 1_000 <= score <= before_ms + TTL_MS + 2_000
-    assert 0 < r.pttl(APPLIED) <= TTL_MS
+    for member, score in got.items():  # expiry time in ms: the window, or an entry's life
+        life = TTL_MS if member.startswith(b"k:") else counters.ENTRY_MARKER_TTL_MS
+        assert before_ms + life - 1_000 <= score <= before_ms + life + 2_000
+    assert 0 < r.pttl(APPLIED) <= counters.ENTRY_MARKER_TTL_MS
     assert r.get(LOCK) == token.encode()  # apply does not release the lock
 
 
@@ -215,27 +218,67 @@ def test_finish_with_one_of_two_lanes_lost_keeps_markers_and_releases_only_its_o
     r.set(theirs, "their-new-token")  # ours expired, and its owner took it again
     assert finish(r, token, [ev(1), ev(2)], [LOCK, theirs]) == 0
     assert set(markers(r)) == {b"x:events|1-0", b"x:events|2-0"}  # kept: they may apply them
+    now_ms = r.time()[0] * 1000
+    for score in markers(r).values():  # ...for one lock TTL, by Redis' clock
+        assert now_ms - 1_000 <= score <= now_ms + LOCK_TTL_MS + 2_000
+    assert 0 < r.pttl(APPLIED) <= LOCK_TTL_MS + 1
     assert r.get(LOCK) is None  # ours released
     assert r.get(theirs) == b"their-new-token"  # theirs untouched
 
 
-def test_expired_marker_no_longer_skips_its_entry_and_is_removed_when_met(
+def test_finish_without_any_lane_cuts_markers_short_and_never_lengthens_them(
+    r: redis.Redis,
+) -> None:
+    # No lane proves that nobody still writes these entries (markers of entries found gone
+    # from the pending list): they expire one lock TTL later, never at once.
+    token = take_lock(r)
+    apply(r, token, [ev(1), ev(2)])
+    short = counters.finish_call(SRC, "no-token", [(NAME, [], [b"1-0"])], 200)
+    assert scripts.run(r, [short]) == [[0]]
+    assert set(markers(r)) == {b"x:events|1-0", b"x:events|2-0"}
+    longer = counters.finish_call(SRC, "no-token", [(NAME, [], [b"1-0"])], LOCK_TTL_MS)
+    assert scripts.run(r, [longer]) == [[0]]
+    time.sleep(0.3)
+    assert apply(r, token, [ev(1, 5), ev(2, 5)]).skipped == (1,)  # 1-0's marker is over
+    assert r.get(V) == b"2"
+
+
+def test_finish_leaves_a_key_of_event_id_markers_to_live_for_the_window_only(
     r: redis.Redis,
 ) -> None:
     token = take_lock(r)
-    assert apply(r, token, [ev(1)], ttl_ms=300).outcome is Outcome.APPLIED
-    assert 0 < r.pttl(APPLIED) <= 300
-    assert apply(r, token, [ev(2)]).outcome is Outcome.APPLIED  # key now lives TTL_MS
+    apply(r, token, [ev(1, 1, "k1")])
+    assert r.pttl(APPLIED) > TTL_MS  # an entry marker in it: the entry marker's life
+    assert finish(r, token, [ev(1)]) == 1
+    assert set(markers(r)) == {b"k:k1"}
     assert 0 < r.pttl(APPLIED) <= TTL_MS
+
+
+def test_expired_event_id_marker_no_longer_skips_a_retry_and_is_removed_when_met(
+    r: redis.Redis,
+) -> None:
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 1, "k1")], ttl_ms=300).outcome is Outcome.APPLIED
     time.sleep(0.45)
-    stale = r.zscore(APPLIED, b"x:events|1-0")
+    stale = r.zscore(APPLIED, b"k:k1")
     assert stale is not None  # expired by score, still stored
-    assert apply(r, token, [ev(1)]).outcome is Outcome.APPLIED  # its window is over
-    assert r.get(V) == b"3"
-    fresh = r.zscore(APPLIED, b"x:events|1-0")
+    assert apply(r, token, [ev(2, 1, "k1")]).outcome is Outcome.APPLIED  # its window is over
+    assert r.get(V) == b"2"
+    fresh = r.zscore(APPLIED, b"k:k1")
     assert fresh is not None
     assert fresh > stale + 1000  # the stale marker was pruned, a new one written
-    assert set(markers(r)) == {b"x:events|1-0", b"x:events|2-0"}
+
+
+def test_entry_marker_outlives_the_dedupe_window_so_a_late_redelivery_is_skipped(
+    r: redis.Redis,
+) -> None:
+    # Applied, then nobody acknowledges the entry for longer than the window (Redis down,
+    # every replica stopped): its redelivery must still find the marker.
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 7, "k1")], ttl_ms=300).outcome is Outcome.APPLIED
+    time.sleep(0.45)
+    assert apply(r, token, [ev(1, 7, "k1")], ttl_ms=300).skipped == (0,)
+    assert r.get(V) == b"7"
 
 
 def test_apply_then_finish_without_event_ids_leaves_no_bookkeeping(r: redis.Redis) -> None:
@@ -258,7 +301,7 @@ def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis
         counters.apply_call(SRC, token, [counters.Group(NAME, [ev(2, 3)])], TTL_MS, LANES),
         Call.command("INCR", "side"),
         counters.apply_call(SRC, token, [counters.Group(NAME, [ev(3, 4)])], TTL_MS, LANES),
-        counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0", b"2-0", b"3-0"])]),
+        counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0", b"2-0", b"3-0"])], 10_000),
     ]
     results = scripts.run(r, calls)
     assert [results[0], results[2], results[4]] == [1, 2, [1]]  # finish ran after the applies

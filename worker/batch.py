@@ -41,7 +41,7 @@ from worker import counters, stream
 from worker.backoff import Backoff
 from worker.counters import Group
 from worker.events import Event
-from worker.lanes import LateClears, lanes_of
+from worker.lanes import lanes_of
 from worker.lock import Locks
 from worker.outcome import BatchOutcome, Stats
 from worker.scripts import Call, Pipe, Round
@@ -70,8 +70,6 @@ class BatchApplier:
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
         """Lanes of the last attempt: they take turns with waiting replicas."""
-        self.late = LateClears(client, self.stream_key, settings.lock_ttl_ms, log)
-        """Markers of finishes that lost a lane, cleared later (the consumer runs it)."""
         self._queued: set[str] = set()
         """Lanes we found busy and have not had since: they take turns too, so that the
         attempt that gets one clears our place in line."""
@@ -251,9 +249,13 @@ class BatchApplier:
             if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
                 self.log.warning("could not release a counter", counter=name, error=reply.decode())
             elif reply == 0 and acked.get(name):
-                # A lane expired before the finish: its markers stay until no replica that
+                # A lane expired before the finish: the markers stay until no replica that
                 # confirmed these entries before our XACK can write any more.
-                self.late.add(name, acked[name])
+                self.log.warning(
+                    "lock lane lost before the finish: entry markers expire one lock TTL later",
+                    counter=name,
+                    entries=len(acked[name]),
+                )
         return busy
 
     def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
@@ -385,7 +387,8 @@ class BatchApplier:
         )
         releases = [(n, lanes[n], [h.entry_id for h in acked.get(n, ())]) for n in held]
         releases += [(n, lanes[n], []) for n in partial]
-        calls.append(counters.finish_call(self.stream_key, token, releases).packed())
+        finish = counters.finish_call(self.stream_key, token, releases, self.s.lock_ttl_ms)
+        calls.append(finish.packed())
         return Round("ack_release", calls)
 
 

@@ -41,7 +41,7 @@ _RUN = [
     ("max_deliveries", "N", "deliveries after which an entry is dead-lettered"),
     ("lock_ttl_ms", "MS", "lifetime of a counter lock"),
     ("lock_wait_ms", "MS", "longest wait for busy counter locks per batch"),
-    ("dedupe_window_ms", "MS", "how long event_id and entry markers are kept"),
+    ("dedupe_window_ms", "MS", "how long a producer's event_id dedupes its retries"),
     ("shutdown_grace_ms", "MS", "after SIGTERM/SIGINT, exit forcibly after this long"),
     ("log_level", "LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     ("log_format", "FORMAT", "json or console (default: json unless stdout is a terminal)"),

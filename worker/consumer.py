@@ -121,7 +121,6 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
-        self.applier.late.run()
         if self._held:
             self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
             now = time.monotonic()

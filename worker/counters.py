@@ -12,10 +12,10 @@ one script can touch them all:
                          the replica waiting for that lane, if any (short-lived)
     sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
                            'x:<stream>|<entry id>'
-                                           entry applied, not yet acknowledged; cleared
-                                           after XACK, expires after the window otherwise
-                                           (the stream is part of it: several streams
-                                           may feed one counter, with the same ids)
+                                           entry applied, not yet acknowledged; removed
+                                           after XACK, else kept ENTRY_MARKER_TTL_MS (the
+                                           stream is part of it: several streams may feed
+                                           one counter, with the same ids)
                            'k:<event_id>'  producer's idempotency key; lives for the window
 """
 
@@ -35,6 +35,13 @@ from worker.scripts import Call
 
 APPLY = scripts.Script.load("counter_apply")
 FINISH = scripts.Script.load("counter_finish")
+
+ENTRY_MARKER_TTL_MS = 30 * 86_400_000
+"""Life of an entry marker that is not removed after its XACK (its replica died in between,
+or the XACK never came). It protects the entry from being applied again, so it must outlive
+any outage in which nobody can acknowledge the entry: Redis down, every replica stopped or
+cut off. Leaving the dedupe window to event_id markers alone, 30 days, whatever the window
+(README, "What it guarantees")."""
 
 
 def value_key(name: str) -> str:
@@ -99,7 +106,12 @@ def apply_call(
     counter, each counter on its own, fenced by ``token`` on every lane key that
     ``lanes`` gives for it (see counter_apply.lua)."""
     keys: list[str] = []
-    args: list[str | bytes | int] = [marker_ttl_ms, entry_marker(stream, b""), token]
+    args: list[str | bytes | int] = [
+        marker_ttl_ms,
+        ENTRY_MARKER_TTL_MS,
+        entry_marker(stream, b""),
+        token,
+    ]
     add_keys, add_args = keys.extend, args.extend
     for group in groups:
         name, events = group.name, group.events
@@ -154,13 +166,17 @@ def _parse_one(reply: int | list[Any]) -> ApplyResult:
 
 
 def finish_call(
-    stream: bytes, token: str, releases: Sequence[tuple[str, Sequence[str], Sequence[bytes]]]
+    stream: bytes,
+    token: str,
+    releases: Sequence[tuple[str, Sequence[str], Sequence[bytes]]],
+    lock_ttl_ms: int,
 ) -> Call:
     """Per (counter, lane keys taken, acknowledged entry ids): release the lanes held with
-    ``token`` and, if all of them still were, clear those entries' markers; one script
-    call (see counter_finish.lua)."""
+    ``token`` and, if all of them still were, remove those entries' markers, else make them
+    expire LOCK_TTL_MS from now (no lane taken: always the latter); one script call (see
+    counter_finish.lua)."""
     keys: list[str] = []
-    args: list[str | bytes | int] = [entry_marker(stream, b""), token]
+    args: list[str | bytes | int] = [entry_marker(stream, b""), token, lock_ttl_ms]
     for name, lanes, acked in releases:
         keys.append(applied_key(name))
         keys += lanes

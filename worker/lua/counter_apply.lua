@@ -5,8 +5,10 @@
 -- Per counter, in order: its value key, its applied-markers key (a sorted set: member
 -- 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry in ms), then the m lock lanes
 -- the caller needs for its entries (its own, and those of the consumers it claimed them
--- from). ARGV[1] marker TTL in ms, ARGV[2] the entry marker prefix 'x:<stream>|', ARGV[3]
--- the lock token the caller holds every lane with, then per counter:
+-- from). ARGV[1] event_id marker life in ms (the dedupe window), ARGV[2] entry marker life
+-- in ms (normally cleared after XACK long before: it outlives outages), ARGV[3] the entry
+-- marker prefix 'x:<stream>|', ARGV[4] the lock token the caller holds every lane with,
+-- then per counter:
 --   m, total, n, id_1 .. id_n, k, (position, event_id) * k
 -- where total is the exact sum of the deltas (computed by the caller: Lua numbers are
 -- doubles), or '' to only probe which events already have a marker.
@@ -21,11 +23,13 @@
 --   4                   probe: none of the events has a marker; nothing written
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- As a string, once: a Lua number passed to redis.call is formatted on every call.
-local expires = string.format('%d', now + tonumber(ARGV[1]))
+-- As strings, once: a Lua number passed to redis.call is formatted on every call.
+local kexpires = string.format('%d', now + tonumber(ARGV[1]))
+local xexpires = string.format('%d', now + tonumber(ARGV[2]))
+local expires = string.format('%d', now + math.max(tonumber(ARGV[1]), tonumber(ARGV[2])))
 local horizon = string.format('%d', now)
-local prefix = ARGV[2]
-local token = ARGV[3]
+local prefix = ARGV[3]
+local token = ARGV[4]
 
 local function failed(reply)
   return type(reply) == 'table' and reply.err
@@ -96,7 +100,7 @@ local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
   end
   local zargs = {}
   for j = 1, #members do
-    zargs[#zargs + 1] = expires
+    zargs[#zargs + 1] = j <= n and xexpires or kexpires
     zargs[#zargs + 1] = members[j]
   end
   redis.call('ZADD', akey, unpack(zargs))
@@ -133,15 +137,15 @@ local function apply_one(vkey, akey, lanes, m, total, id)
   if failed(value) then
     return {3, value.err}
   end
-  redis.call('ZADD', akey, expires, member)
-  if redis.call('PEXPIREAT', akey, expires, 'NX') == 0 then
-    redis.call('PEXPIREAT', akey, expires, 'GT')
+  redis.call('ZADD', akey, xexpires, member)
+  if redis.call('PEXPIREAT', akey, xexpires, 'NX') == 0 then
+    redis.call('PEXPIREAT', akey, xexpires, 'GT')
   end
   return 1
 end
 
 local replies = {}
-local a = 4
+local a = 5
 local ki = 1
 local c = 0
 local nargs = #ARGV

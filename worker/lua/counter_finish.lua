@@ -1,20 +1,61 @@
--- After XACK: per counter, clear the markers of the acknowledged entries and release the
--- lock lanes taken for it, for one or more counters (all in one cluster slot).
+-- After XACK: per counter, release the lock lanes taken for it and end the markers of the
+-- acknowledged entries, for one or more counters (all in one cluster slot).
 --
 -- Per counter, in order: its applied-markers key, then the m lanes the caller took for it.
--- ARGV[1] the entry marker prefix 'x:<stream>|', ARGV[2] the caller's lock token, then per
--- counter: m, n, id_1 .. id_n (the ids of its acknowledged entries).
+-- ARGV[1] the entry marker prefix 'x:<stream>|', ARGV[2] the caller's lock token, ARGV[3]
+-- the lock TTL in ms, then per counter: m, n, id_1 .. id_n (the ids of its acknowledged
+-- entries).
 --
--- Markers are cleared only while the caller still holds every lane it took: then no
--- replica that confirmed these entries pending before our XACK can still write them (see
--- docs/design-lock-lanes.md). A free lane says nothing about a claimer down a chain, so if
--- any lane was lost the markers stay (the caller clears them LOCK_TTL_MS later, see
--- worker/lanes.py). Each lane still ours is released.
--- Returns per counter: 1 markers cleared and every lane released, 0 some lane was no
--- longer ours (markers kept, ours released), or an error text if a key has a wrong type.
+-- Markers are removed at once only while the caller still holds every lane it took: then
+-- no replica that confirmed these entries pending before our XACK can still write them
+-- (see docs/design-lock-lanes.md, rule B). A free lane says nothing about a claimer down a
+-- chain, so if a lane was lost, or none was taken (m = 0: entries found gone from the
+-- stream's pending list some other way), the markers are cut short instead: they expire a
+-- lock TTL from now, by Redis' clock, when every lock taken before now has expired. Each
+-- lane still ours is released. The key then lives as long as its longest-lived marker.
+-- Returns per counter: 1 markers removed and every lane released, 0 markers cut short
+-- (lanes still ours released), or an error text if a key has a wrong type.
 local replies = {}
 local prefix, token = ARGV[1], ARGV[2]
-local a = 3
+local t = redis.call('TIME')
+local soon = string.format(
+  '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]) + 1)
+
+-- The key lives as long as its longest-lived marker (an event_id's, or another batch's).
+local function rearm(akey)
+  local last = redis.call('ZRANGE', akey, -1, -1, 'WITHSCORES')
+  if last[2] then
+    redis.call('PEXPIREAT', akey, last[2])
+  end
+end
+
+-- The markers of ids ARGV[a+2 .. a+1+n]: removed, or (short) given a life ending soon, only
+-- ever shorter (XX LT). nil, or an error text.
+local function finish(akey, a, n, short)
+  local done
+  if n == 1 and not short then
+    done = redis.pcall('ZREM', akey, prefix .. ARGV[a + 2])
+  else
+    local args = {}
+    if short then
+      args = {'XX', 'LT'}
+    end
+    for i = 1, n do
+      if short then
+        args[#args + 1] = soon
+      end
+      args[#args + 1] = prefix .. ARGV[a + 1 + i]
+    end
+    done = redis.pcall(short and 'ZADD' or 'ZREM', akey, unpack(args))
+  end
+  if type(done) == 'table' and done.err then
+    return done.err
+  end
+  rearm(akey)
+  return nil
+end
+
+local a = 4
 local ki = 1
 local c = 0
 local nargs = #ARGV
@@ -22,7 +63,7 @@ while a <= nargs do
   c = c + 1
   local akey = KEYS[ki]
   local m, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local reply = 1
+  local reply = m > 0 and 1 or 0
   for i = ki + 1, ki + m do
     local holder = redis.pcall('GET', KEYS[i])
     if type(holder) == 'table' and holder.err then
@@ -33,20 +74,8 @@ while a <= nargs do
       reply = 0
     end
   end
-  if reply == 1 and n > 0 then
-    local removed
-    if n == 1 then
-      removed = redis.pcall('ZREM', akey, prefix .. ARGV[a + 2])
-    else
-      local members = {}
-      for i = 1, n do
-        members[i] = prefix .. ARGV[a + 1 + i]
-      end
-      removed = redis.pcall('ZREM', akey, unpack(members))
-    end
-    if type(removed) == 'table' and removed.err then
-      reply = removed.err
-    end
+  if n > 0 and (reply == 1 or reply == 0) then
+    reply = finish(akey, a, n, reply == 0) or reply
   end
   replies[c] = reply
   ki = ki + 1 + m
