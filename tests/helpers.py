@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -160,6 +161,12 @@ def pending_ids(r: redis.Redis) -> list[bytes]:
 
 def log_of(consumer: Consumer) -> str:
     return consumer.log_output.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+def log_lines(consumer: Consumer, event: str) -> list[dict[str, Any]]:
+    """The consumer's log lines whose event starts with ``event``."""
+    lines = [json.loads(line) for line in log_of(consumer).splitlines() if line.strip()]
+    return [line for line in lines if str(line.get("event", "")).startswith(event)]
 
 
 class IdleWatch:

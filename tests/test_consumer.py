@@ -16,6 +16,7 @@ from helpers import (
     dead_letters,
     delivered_to,
     drained,
+    log_lines,
     log_of,
     pending_ids,
     push,
@@ -138,10 +139,55 @@ def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_grou
     r.xdel(STREAM, gone)
     time.sleep(1.05)  # CLAIM_IDLE_MS
     consumer = make_consumer()
-    turn_until(consumer, lambda: drained(r))
+    turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
     assert values(r, {"d"}) == {"d": 101}
-    assert gone.decode() in log_of(consumer)
-    assert "deleted from the stream" in log_of(consumer)
+    (lost,) = log_lines(consumer, "entry deleted from the stream before it was counted")
+    assert lost["entry_id"] == gone.decode()
+    assert dead_letters(r) == []
+
+
+def test_applied_entry_deleted_before_its_ack_is_reported_counted_and_its_marker_goes(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # A replica applied the entry and died before its XACK; then the entry was trimmed away.
+    entry = delivered_to(r, "crashed", "t", 4)
+    r.set(counters.lane_key("t", "crashed"), "t-crashed", px=50)
+    parsed = parse(entry, [b"counter", b"t", b"amount", b"4"])
+    assert apply_events(r, "t", "t-crashed", [parsed], lanes=("crashed",)).outcome is (
+        counters.Outcome.APPLIED
+    )
+    r.xdel(STREAM, entry)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
+    consumer = make_consumer()
+    turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
+    assert values(r, {"t"}) == {"t": 4}
+    (counted,) = log_lines(consumer, "entry deleted from the stream had been counted")
+    assert (counted["entry_id"], counted["counter"]) == (entry.decode(), "t")
+    assert not log_lines(consumer, "entry deleted from the stream before it was counted")
+    assert 0 < r.pttl(counters.applied_key("t")) <= 101  # one lock TTL, not 30 days
+    wait_until(lambda: bookkeeping_keys(r) == [], 2, "the marker to expire")
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["counted", "not-counted"])
+def test_deleted_entry_in_our_own_backlog_is_acknowledged_and_reported_not_dead_lettered(
+    r: redis.Redis, make_consumer: MakeConsumer, applied: bool
+) -> None:
+    # Our predecessor (same name) was killed holding the entry, applied or not; the entry
+    # was deleted from the stream before we started.
+    entry = delivered_to(r, "w1", "own", 6)
+    if applied:
+        r.set(counters.lane_key("own", "w1"), "t-before", px=50)
+        parsed = parse(entry, [b"counter", b"own", b"amount", b"6"])
+        apply_events(r, "own", "t-before", [parsed], lanes=("w1",))
+    r.xdel(STREAM, entry)
+    consumer = make_consumer(consumer="w1")
+    turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
+    assert values(r, {"own"}) == {"own": 6 if applied else 0}
+    assert dead_letters(r) == []  # nothing left to dead-letter: its fields are gone
+    if applied:
+        assert log_lines(consumer, "entry deleted from the stream had been counted")
+    else:
+        assert log_lines(consumer, "entry deleted from the stream before it was counted")
 
 
 def test_busy_counter_is_retried_later_without_holding_the_other_locks(

@@ -31,6 +31,7 @@ from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import BatchApplier
 from worker.connection import ensure_group, is_transient
 from worker.deadletter import Rejected
+from worker.deleted import DeletedEntries, Verdict
 from worker.errors import GroupDeleted, InvalidEvent
 from worker.events import Event
 from worker.flow import Flow, Job
@@ -59,6 +60,8 @@ class Consumer:
             client, settings.stream, settings.group, settings.consumer, settings.claim_idle_ms
         )
         self.stats = Stats()
+        self.deleted = DeletedEntries(client, settings.stream, settings.lock_ttl_ms)
+        """Pending entries deleted from the stream: were they counted? (one page a turn)"""
         self.pipe = Pipe(client)
         self.applier = BatchApplier(client, settings, log, self.stats, stopping, self.pipe)
         self.flow = Flow(
@@ -121,6 +124,8 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
+        if self.deleted.busy():
+            self._report(self.deleted.step())
         if self._held:
             self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
             now = time.monotonic()
@@ -133,11 +138,7 @@ class Consumer:
         # our own entries as redelivered.
         if self._backlog is None and self.reclaimer.due() and room > 0:
             result = self.reclaimer.claim(room)
-            if result.deleted:
-                self.log.warning(
-                    "pending entries were deleted from the stream before being counted",
-                    ids=[i.decode() for i in result.deleted],
-                )
+            self._forget_deleted(result.deleted)
             if result.pruned:
                 self.log.info(
                     "removed idle consumers with nothing pending from the group",
@@ -235,11 +236,7 @@ class Consumer:
                 continue  # already in hand (claimed and read again): once is enough
             in_hand.add(item.entry_id)
             if item.fields is None:
-                rejected.append(
-                    Rejected(
-                        item.entry_id, [], "entry was deleted from the stream before it was counted"
-                    )
-                )
+                job.gone.append(item.entry_id)  # deleted from the stream while pending
             else:  # valid entries delivered too often are probed, then dead-lettered (batch)
                 try:
                     event = events.parse(item.entry_id, item.fields)
@@ -255,6 +252,9 @@ class Consumer:
         report; if nothing moved and ``stall``, wait a little (holding no lock). Returns the
         error of a transient refusal (e.g. OOM) to back off for, or ''."""
         self._dead_letter(job.rejected)
+        if job.gone:
+            scripts.command(self.client, "XACK", self.s.stream, self.s.group, *job.gone)
+            self._forget_deleted(job.gone)
         outcome = job.outcome
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
@@ -281,6 +281,32 @@ class Consumer:
                 ms=round((time.perf_counter() - job.started) * 1000, 2),
             )
         return outcome.refused
+
+    def _forget_deleted(self, ids: list[bytes]) -> None:
+        """Pending entries found deleted from the stream are out of the pending list (the
+        claim dropped them, or we acknowledged them): look for their markers, to tell
+        whether they were counted (``worker.deleted``)."""
+        if ids:
+            self.log.info(
+                "pending entries were deleted from the stream; looking for their markers to "
+                "tell whether they were counted",
+                ids=[i.decode() for i in ids],
+            )
+            self.deleted.add(ids)
+
+    def _report(self, verdicts: list[Verdict]) -> None:
+        for verdict in verdicts:
+            if verdict.counter is None:
+                self.log.warning(
+                    "entry deleted from the stream before it was counted: that event is lost",
+                    entry_id=verdict.entry_id.decode(),
+                )
+            else:
+                self.log.info(
+                    "entry deleted from the stream had been counted: nothing lost",
+                    entry_id=verdict.entry_id.decode(),
+                    counter=verdict.counter,
+                )
 
     def _hold(self, waiting: list[Event]) -> None:
         """Keep entries in hand, unapplied, until every lock taken before now has expired.

@@ -39,6 +39,8 @@ class Job:
     started: float
     valid: list[Event] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    gone: list[bytes] = field(default_factory=list)
+    """Pending entries of ours deleted from the stream: nothing to apply."""
     outcome: BatchOutcome = field(default_factory=BatchOutcome)
     attempt: Attempt | None = None
     step: Round | None = None

@@ -1,0 +1,113 @@
+"""Entries deleted from the stream (XDEL, MAXLEN trimming) while pending: were they counted?
+
+A pending entry whose stream entry is gone cannot be applied (its fields are gone), and it
+leaves the pending list: reclaim.lua's XCLAIM drops it, and the consumer acknowledges one
+found in its own backlog. If a replica applied it and died before acknowledging it, its
+entry marker is in its counter's markers key, but the counter is unknown: this walks the
+keyspace (SCAN of the markers keys, one page per turn of the loop) looking for the marker.
+Found: the entry was counted, and its marker is made to expire one lock TTL later
+(counter_finish.lua with no lane). Not found once the walk is over: it was never counted,
+and the event is lost. Deleting pending entries is an operator's mistake, so this cost (a
+walk of the keyspace) is paid only then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis
+
+from worker import counters, scripts
+from worker.scripts import Call
+
+MARKERS_KEYS = "sc:{*}:applied"
+PAGE = 500
+"""Keys per SCAN call; each markers key among them costs one ZMSCORE of the ids."""
+IDS_PER_WALK = 100
+"""Ids one walk looks for (the rest wait for the next walk): a ZMSCORE stays small."""
+BUDGET_S = 0.02
+"""Time one turn of the loop gives the walk."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    entry_id: bytes
+    counter: str | None
+    """The counter it was counted in before it was deleted, or None: it never was."""
+
+
+class DeletedEntries:
+    def __init__(self, client: redis.Redis, stream: str, lock_ttl_ms: int) -> None:
+        self.client = client
+        self.stream_key = stream.encode()
+        self.lock_ttl_ms = lock_ttl_ms
+        self._looking: set[bytes] = set()
+        """Ids the walk in progress looks for."""
+        self._queued: set[bytes] = set()
+        """Ids found deleted during a walk: the next walk looks for them (a walk joined
+        halfway could miss a key it passed before)."""
+        self._cursor = 0
+
+    def add(self, ids: Iterable[bytes]) -> None:
+        self._queued.update(ids)
+        if not self._looking:
+            self._next_walk()
+
+    def _next_walk(self) -> None:
+        ids = sorted(self._queued)[:IDS_PER_WALK]
+        self._looking = set(ids)
+        self._queued.difference_update(ids)
+        self._cursor = 0
+
+    def busy(self) -> bool:
+        return bool(self._looking)
+
+    def step(self) -> list[Verdict]:
+        """Walk on for BUDGET_S (a page at least): the ids whose marker it found, and those
+        of a walk that ended without finding theirs (never counted)."""
+        verdicts: list[Verdict] = []
+        end = time.monotonic() + BUDGET_S
+        while self._looking:
+            self._cursor, keys = self.client.scan(self._cursor, MARKERS_KEYS, PAGE, "zset")
+            verdicts += self._look_in([k if isinstance(k, bytes) else k.encode() for k in keys])
+            if self._cursor == 0:  # the walk is over: what it did not find was not counted
+                verdicts += [Verdict(i, None) for i in sorted(self._looking)]
+                self._looking = set()
+            if not self._looking:
+                self._next_walk()
+            if time.monotonic() >= end:
+                break
+        return verdicts
+
+    def _look_in(self, keys: list[bytes]) -> list[Verdict]:
+        if not keys:
+            return []
+        wanted = sorted(self._looking)
+        markers = [counters.entry_marker(self.stream_key, i) for i in wanted]
+        replies = scripts.run(self.client, [Call.command("ZMSCORE", k, *markers) for k in keys])
+        found: dict[str, list[bytes]] = {}
+        for key, scores in zip(keys, replies, strict=True):
+            if isinstance(scores, Exception):
+                continue  # the key changed type since the SCAN: not a markers key any more
+            name = key[len(b"sc:{") : -len(b"}:applied")].decode(errors="replace")
+            for entry_id, score in zip(wanted, scores, strict=True):
+                if score is not None:
+                    found.setdefault(name, []).append(entry_id)
+        if not found:
+            return []
+        self._expire_soon(found)
+        verdicts = [Verdict(i, name) for name, ids in found.items() for i in ids]
+        self._looking.difference_update(v.entry_id for v in verdicts)
+        return verdicts
+
+    def _expire_soon(self, found: dict[str, list[bytes]]) -> None:
+        """No lane proves that nobody still writes these entries: their markers expire one
+        lock TTL from now, when every lock taken before they left the pending list has."""
+        no_lanes: list[str] = []
+        releases = [(name, no_lanes, ids) for name, ids in found.items()]
+        call = counters.finish_call(self.stream_key, "", releases, self.lock_ttl_ms)
+        (reply,) = scripts.run(self.client, [call])
+        if isinstance(reply, Exception):
+            raise reply
