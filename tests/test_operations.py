@@ -1,4 +1,5 @@
-"""Operator-facing faults: a deleted consumer group, dead replicas' names, mixed windows."""
+"""Operator-facing faults: a deleted consumer group, dead replicas' names, mixed windows, a
+Redis that may evict keys."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import signal
 import time
 from typing import Any
 
+import pytest
 import redis
 from helpers import (
     GROUP,
@@ -23,6 +25,7 @@ from helpers import (
 from config import Settings
 from worker import counters
 from worker.connection import connect, ensure_group
+from worker.errors import ExitCode
 from worker.events import parse
 from worker.reclaim import Reclaimer
 
@@ -112,3 +115,45 @@ def test_shutdown_keeps_the_name_when_a_same_name_process_has_an_entry_pending(
     assert b"live" in consumers(r)
     (info,) = r.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert (info["message_id"], info["consumer"]) == (entry, b"live")  # not lost
+
+
+# -- Redis that may evict keys ---------------------------------------------------------------
+
+FAST = {"claim_idle_ms": 1000, "lock_ttl_ms": 300, "lock_wait_ms": 200, "block_ms": 100}
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl"])
+def test_worker_refuses_to_start_on_a_redis_that_may_evict_keys(
+    own_redis: Any, spawn_worker: Any, policy: str
+) -> None:
+    r, redis_server = own_redis.client(), own_redis  # its configuration is changed
+    r.config_set("maxmemory-policy", policy)
+    push(r, "a", 1)
+    worker = spawn_worker(redis_server.url, **FAST)
+    assert worker.wait(10) == ExitCode.REDIS
+    (refused,) = [line for line in worker.log().splitlines() if "cannot run" in line]
+    assert f"maxmemory-policy is {policy}" in refused
+    assert "noeviction" in refused
+    assert r.get(counters.value_key("a")) is None
+
+
+def test_worker_stops_applying_while_redis_may_evict_keys_and_resumes_when_it_cannot(
+    own_redis: Any, spawn_worker: Any
+) -> None:
+    r, redis_server = own_redis.client(), own_redis  # its configuration is changed
+    expected = push_random(r, 500, names=5, seed=1)
+    worker = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, 30)
+    r.config_set("maxmemory-policy", "volatile-lru")  # an operator's change, at run time
+    worker.wait_for_log("redis may evict keys; not applying until it cannot", timeout=5)
+    before = values(r, set(expected))
+    expected.update(push_random(r, 500, names=5, seed=2))
+    time.sleep(1.5)  # several checks: still refused, nothing applied
+    assert values(r, set(expected)) == before
+    assert worker.proc.poll() is None
+    r.config_set("maxmemory-policy", "noeviction")
+    wait_drained(r, 30)
+    assert values(r, set(expected)) == dict(expected)
+    assert worker.log().count("redis may evict keys") >= 2  # said again while it lasted
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == ExitCode.OK

@@ -9,7 +9,7 @@ from redis.retry import Retry
 
 from config import Settings
 from worker import scripts
-from worker.errors import GroupDeleted, RedisUnsupported
+from worker.errors import EvictingRedis, GroupDeleted, RedisUnsupported
 
 MIN_VERSION = (7, 0)
 
@@ -69,7 +69,8 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 def check_server(client: redis.Redis) -> str:
-    """Fail with RedisUnsupported if the server is too old; return its version."""
+    """Fail with RedisUnsupported if the server is too old or may evict keys; return its
+    version."""
     try:
         info = client.info("server")
     except AuthenticationError as exc:
@@ -78,7 +79,27 @@ def check_server(client: redis.Redis) -> str:
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < MIN_VERSION:
         raise RedisUnsupported(f"Redis {version} is too old: stream-counter needs >= 7.0")
+    check_no_eviction(client)
     return version
+
+
+def check_no_eviction(client: redis.Redis) -> None:
+    """Raise EvictingRedis unless Redis' maxmemory-policy is noeviction.
+
+    Any other policy lets Redis delete keys to make room: entry and event_id markers first
+    (volatile-*: they have expiries), counter values and locks too (allkeys-*). A lost
+    marker means an event counted twice, so the worker does not apply anything meanwhile.
+    Read from INFO (CONFIG may be disabled on managed services).
+    """
+    policy = client.info("memory").get("maxmemory_policy", "noeviction")
+    policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+    if policy != "noeviction":
+        raise EvictingRedis(
+            f"Redis may evict keys (maxmemory-policy is {policy}): evicted markers would "
+            f"count events twice, evicted counters would lose them. Set maxmemory-policy "
+            f"to noeviction (CONFIG SET maxmemory-policy noeviction, and in redis.conf); "
+            f"when memory runs out, Redis then refuses writes and the worker waits"
+        )
 
 
 def group_marker_key(stream: str, group: str) -> str:

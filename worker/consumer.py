@@ -29,10 +29,10 @@ from config import Settings
 from worker import deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import BatchApplier
-from worker.connection import ensure_group, is_transient
+from worker.connection import check_no_eviction, ensure_group, is_transient
 from worker.deadletter import Rejected
 from worker.deleted import DeletedEntries, Verdict
-from worker.errors import GroupDeleted, InvalidEvent
+from worker.errors import EvictingRedis, GroupDeleted, InvalidEvent
 from worker.events import Event
 from worker.flow import Flow, Job
 from worker.lanes import settle_s
@@ -86,6 +86,8 @@ class Consumer:
         self._stalled = 0
         self._rng = random.Random()
         self._deferred_since: float | None = None
+        self._next_server_check = 0.0
+        """When to check Redis' maxmemory-policy again (each reclaim interval)."""
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -107,6 +109,10 @@ class Consumer:
                 self._reset_after_error()
                 self.log.error("consumer group deleted; waiting for an operator", error=str(exc))
                 sleep_unless(self.stopping, 5.0)
+            except EvictingRedis as exc:
+                self._reset_after_error()
+                self.log.error("redis may evict keys; not applying until it cannot", error=str(exc))
+                sleep_unless(self.stopping, min(5.0, self.reclaimer.interval))
             except ResponseError as exc:
                 if is_transient(exc):
                     self._on_unavailable(exc)
@@ -124,6 +130,9 @@ class Consumer:
     def step(self) -> None:
         """One turn: a reclaim page when due, then a read, each processed in full."""
         s = self.s
+        if time.monotonic() >= self._next_server_check:
+            check_no_eviction(self.client)  # raises EvictingRedis: the loop waits
+            self._next_server_check = time.monotonic() + self.reclaimer.interval
         if self.deleted.busy():
             self._report(self.deleted.step())
         if self._held:
@@ -409,6 +418,7 @@ class Consumer:
         self._claim_now = True  # what comes back may have been idle through the outage
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
+        self._next_server_check = 0.0
         self.reclaimer.restart()
 
     def _on_unavailable(self, exc: Exception) -> None:

@@ -4,7 +4,10 @@
     ├── ConfigError               invalid settings; the CLI exits with ExitCode.CONFIG
     ├── InvalidEvent              an entry that breaks the event contract; it is dead-lettered
     ├── RedisUnsupported          the server cannot run us (Redis < 7.0, the stream key holds
-    │                             another type, authentication refused); ExitCode.REDIS
+    │   │                         another type, authentication refused); ExitCode.REDIS
+    │   └── EvictingRedis         its maxmemory-policy may evict keys: refused at start
+    │                             (ExitCode.REDIS); found later, the worker stops applying
+    │                             and waits until it is noeviction again
     └── GroupDeleted              the consumer group was deleted after it had been created:
                                   recreating it from the start would count everything
                                   again, so the worker waits for an operator
@@ -26,7 +29,8 @@ class ExitCode(IntEnum):
     CONFIG = 2
     """Invalid configuration or usage, detected before touching Redis."""
     REDIS = 3
-    """Redis refused us for good: version < 7.0, authentication, wrong key type."""
+    """Redis cannot run us: version < 7.0, authentication, wrong key type, an evicting
+    maxmemory-policy."""
     FORCED = 4
     """A second signal, or the shutdown grace period ran out."""
     UNAVAILABLE = 5
@@ -51,6 +55,10 @@ class InvalidEvent(StreamCounterError):
 
 class RedisUnsupported(StreamCounterError):
     """The Redis server cannot run this worker (and retrying will not change that)."""
+
+
+class EvictingRedis(RedisUnsupported):
+    """Redis' maxmemory-policy lets it evict keys: markers, counters or locks could vanish."""
 
 
 class GroupDeleted(StreamCounterError):
