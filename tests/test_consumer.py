@@ -164,8 +164,29 @@ def test_applied_entry_deleted_before_its_ack_is_reported_counted_and_its_marker
     (counted,) = log_lines(consumer, "entry deleted from the stream had been counted")
     assert (counted["entry_id"], counted["counter"]) == (entry.decode(), "t")
     assert not log_lines(consumer, "entry deleted from the stream before it was counted")
-    assert 0 < r.pttl(counters.applied_key("t")) <= 101  # one lock TTL, not 30 days
+    assert 0 < r.pttl(counters.applied_key("t")) <= 110  # one lock TTL, not 30 days
     wait_until(lambda: bookkeeping_keys(r) == [], 2, "the marker to expire")
+
+
+def test_entry_in_hand_deleted_from_the_stream_is_reported_when_kept_ours(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # In hand behind a busy lock, then trimmed away: the keep-ours claim takes it off the
+    # pending list (Redis >= 7.0), and it is reported, not silently dropped.
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=10_000)
+    entry = push(r, "hot", 3)
+    consumer = make_consumer(lock_wait_ms=0)
+    consumer.step()
+    assert pending_ids(r) == [entry]
+    r.xdel(STREAM, entry)
+    turn_until(
+        consumer,
+        lambda: bool(log_lines(consumer, "entry deleted from the stream before it was counted")),
+    )
+    (lost,) = log_lines(consumer, "entry deleted from the stream before it was counted")
+    assert lost["entry_id"] == entry.decode()
+    assert pending_ids(r) == []
+    assert values(r, {"hot"}) == {"hot": 0}
 
 
 @pytest.mark.parametrize("applied", [True, False], ids=["counted", "not-counted"])
@@ -339,7 +360,7 @@ def test_event_id_markers_expire_after_the_dedupe_window(
     window = 20_000  # the smallest window CLAIM_IDLE_MS=2000 accepts
     consumer = make_consumer(dedupe_window_ms=window, claim_idle_ms=2000)
     turn_until(consumer, lambda: drained(r))
-    key = counters.applied_key("w")
+    key = counters.event_ids_key("w")
     assert window - 2000 < r.pttl(key) <= window
     # The apply script's own expiry, with a window short enough to wait for:
     retry = parse(b"9-9", [b"counter", b"w", b"event_id", b"k"])

@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 from helpers import apply_events, bookkeeping_keys
 
 from worker import counters, deadletter, scripts
-from worker.counters import ApplyResult, Outcome, applied_key, lane_key, value_key
+from worker.counters import (
+    ApplyResult,
+    Outcome,
+    applied_key,
+    event_ids_key,
+    lane_key,
+    value_key,
+)
 from worker.deadletter import Rejected
 from worker.events import Event
 from worker.lock import Locks
@@ -20,6 +28,7 @@ from worker.scripts import Call, Pipe, Round
 NAME = "hits"
 SRC = b"events"  # the stream the entries came from (part of entry markers)
 V, LOCK, APPLIED = value_key(NAME), lane_key(NAME, "me"), applied_key(NAME)
+EVENT_IDS = event_ids_key(NAME)
 LANES = {NAME: [LOCK]}
 TTL_MS = 60_000
 LOCK_TTL_MS = 10_000
@@ -47,7 +56,9 @@ def finish(r: redis.Redis, token: str, events: list[Event], lanes: list[str] | N
 
 
 def markers(r: redis.Redis) -> dict[bytes, float]:
-    return dict(r.zrange(APPLIED, 0, -1, withscores=True))
+    """Entry markers and event_id markers (two keys), with their expiry times."""
+    found = dict(r.zrange(APPLIED, 0, -1, withscores=True))
+    return found | dict(r.zrange(EVENT_IDS, 0, -1, withscores=True))
 
 
 def state(r: redis.Redis) -> tuple[object, ...]:
@@ -221,7 +232,7 @@ def test_finish_with_one_of_two_lanes_lost_keeps_markers_and_releases_only_its_o
     now_ms = r.time()[0] * 1000
     for score in markers(r).values():  # ...for one lock TTL, by Redis' clock
         assert now_ms - 1_000 <= score <= now_ms + LOCK_TTL_MS + 2_000
-    assert 0 < r.pttl(APPLIED) <= LOCK_TTL_MS + 1
+    assert 0 < r.pttl(APPLIED) <= LOCK_TTL_MS + 10
     assert r.get(LOCK) is None  # ours released
     assert r.get(theirs) == b"their-new-token"  # theirs untouched
 
@@ -243,30 +254,81 @@ def test_finish_without_any_lane_cuts_markers_short_and_never_lengthens_them(
     assert r.get(V) == b"2"
 
 
-def test_finish_leaves_a_key_of_event_id_markers_to_live_for_the_window_only(
-    r: redis.Redis,
+@pytest.mark.parametrize("lane_kept", [True, False], ids=["removed", "cut-short"])
+def test_finish_of_thousands_of_entries_of_one_counter_ends_every_marker(
+    r: redis.Redis, lane_kept: bool
 ) -> None:
+    # More ids than one Lua call can unpack (entries held in hand come back all at once).
+    token = take_lock(r)
+    events = [ev(i) for i in range(1, 9001)]
+    for i in range(0, len(events), 1000):
+        assert apply(r, token, events[i : i + 1000]).outcome is Outcome.APPLIED
+    if not lane_kept:
+        r.set(LOCK, "someone-else")
+    assert finish(r, token, events) == (1 if lane_kept else 0)
+    if lane_kept:
+        assert r.exists(APPLIED) == 0
+    else:
+        assert r.zcard(APPLIED) == 9000
+        assert 0 < r.pttl(APPLIED) <= LOCK_TTL_MS + 10
+    assert r.get(V) == b"9000"
+
+
+def test_finish_that_lost_its_lane_cuts_markers_short_even_when_redis_is_out_of_memory(
+    own_redis: Any,
+) -> None:
+    r = own_redis.client()
+    token = take_lock(r)
+    apply(r, token, [ev(1), ev(2)])
+    r.delete(LOCK)  # expired
+    r.config_set("maxmemory", 1)  # every write that may grow memory is refused
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            r.set("probe", "x")
+        assert finish(r, token, [ev(1), ev(2)]) == 0
+    finally:
+        r.config_set("maxmemory", 0)
+    assert 0 < r.pttl(APPLIED) <= LOCK_TTL_MS + 10
+
+
+def test_event_id_markers_live_for_the_window_in_a_key_of_their_own(r: redis.Redis) -> None:
+    # An entry marker lives until its XACK (30 days at most): it must not make the event_id
+    # markers of its counter live that long too.
     token = take_lock(r)
     apply(r, token, [ev(1, 1, "k1")])
-    assert r.pttl(APPLIED) > TTL_MS  # an entry marker in it: the entry marker's life
+    assert r.pttl(APPLIED) > TTL_MS
+    assert 0 < r.pttl(EVENT_IDS) <= TTL_MS
     assert finish(r, token, [ev(1)]) == 1
+    assert r.exists(APPLIED) == 0
     assert set(markers(r)) == {b"k:k1"}
-    assert 0 < r.pttl(APPLIED) <= TTL_MS
+    assert 0 < r.pttl(EVENT_IDS) <= TTL_MS
 
 
 def test_expired_event_id_marker_no_longer_skips_a_retry_and_is_removed_when_met(
     r: redis.Redis,
 ) -> None:
     token = take_lock(r)
+    assert apply(r, token, [ev(9, 1, "k9")]).outcome is Outcome.APPLIED  # the key lives on
     assert apply(r, token, [ev(1, 1, "k1")], ttl_ms=300).outcome is Outcome.APPLIED
     time.sleep(0.45)
-    stale = r.zscore(APPLIED, b"k:k1")
+    stale = r.zscore(EVENT_IDS, b"k:k1")
     assert stale is not None  # expired by score, still stored
     assert apply(r, token, [ev(2, 1, "k1")]).outcome is Outcome.APPLIED  # its window is over
-    assert r.get(V) == b"2"
-    fresh = r.zscore(APPLIED, b"k:k1")
+    assert r.get(V) == b"3"
+    fresh = r.zscore(EVENT_IDS, b"k:k1")
     assert fresh is not None
     assert fresh > stale + 1000  # the stale marker was pruned, a new one written
+
+
+def test_event_id_marker_written_by_an_older_worker_in_the_entry_markers_key_still_counts(
+    r: redis.Redis,
+) -> None:
+    # Workers before the two-key layout kept event_id markers with the entry markers.
+    r.zadd(APPLIED, {b"k:old": r.time()[0] * 1000 + TTL_MS})
+    token = take_lock(r)
+    assert apply(r, token, [ev(1, 4, "old"), ev(2, 5)]).skipped == (0,)
+    assert apply(r, token, [ev(2, 5)]).outcome is Outcome.APPLIED
+    assert r.get(V) == b"5"
 
 
 def test_entry_marker_outlives_the_dedupe_window_so_a_late_redelivery_is_skipped(

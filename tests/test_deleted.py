@@ -32,19 +32,19 @@ def test_walk_over_many_markers_keys_finds_the_counted_entry_and_reports_the_los
     r: redis.Redis,
 ) -> None:
     markers_keys(r, 3 * PAGE)  # several pages
-    r.zadd(counters.applied_key("c1234"), {b"x:events|5-0": 4_000_000_000_000})
+    r.zadd(counters.applied_key("c123"), {b"x:events|5-0": 4_000_000_000_000})
     r.set("unrelated", "1")
     search = DeletedEntries(r, "events", LOCK_TTL_MS)
     search.add([b"5-0", b"6-0"])
     verdicts = walk(search)
     assert sorted(verdicts, key=lambda v: v.entry_id) == [
-        Verdict(b"5-0", "c1234"),
+        Verdict(b"5-0", "c123"),
         Verdict(b"6-0", None),
     ]
     # The found marker ends one lock TTL from now, the other markers of its key untouched.
     now_ms = r.time()[0] * 1000
-    assert r.zscore(counters.applied_key("c1234"), b"x:events|5-0") <= now_ms + LOCK_TTL_MS + 1000
-    assert r.zscore(counters.applied_key("c1234"), b"k:e1234") == 4_000_000_000_000
+    assert r.zscore(counters.applied_key("c123"), b"x:events|5-0") <= now_ms + LOCK_TTL_MS + 1000
+    assert r.zscore(counters.applied_key("c123"), b"k:e123") == 4_000_000_000_000
 
 
 def test_ids_found_deleted_during_a_walk_get_a_whole_walk_of_their_own(

@@ -104,7 +104,8 @@ def test_keeping_entries_ours_never_claims_an_entry_pending_for_another_consumer
     mine = push(r, "x", 1)
     r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
     got = stream.claim_own(r, STREAM, GROUP, "live", [theirs, mine])
-    assert got == {mine: 1}
+    assert got.counts == {mine: 1}
+    assert got.deleted == []
     assert owner_of(r, theirs) == b"other"
 
 
@@ -216,7 +217,7 @@ def test_markers_of_a_finish_that_lost_its_lane_expire_one_lock_ttl_later_even_i
     assert r.zcard(counters.applied_key("c")) == 2  # kept: a writer may still hold a lane
     assert "lock lane lost before the finish" in log_of(consumer)
     del consumer  # the replica dies: Redis' clock ends the markers, not its memory
-    assert 0 < r.pttl(counters.applied_key("c")) <= 201
+    assert 0 < r.pttl(counters.applied_key("c")) <= 210
     time.sleep(0.25)
     assert bookkeeping_keys(r) == []
 
@@ -303,7 +304,7 @@ def test_keeping_thousands_of_entries_ours_claims_them_all(r: redis.Redis) -> No
     ids = pipe.execute()
     r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10_000)
     time.sleep(0.3)
-    got = stream.claim_own(r, STREAM, GROUP, "live", ids)
+    got = stream.claim_own(r, STREAM, GROUP, "live", ids).counts
     assert len(got) == 9_000
     assert set(got.values()) == {1}
     # Every one of them was claimed again, not only the first of each chunk: none has

@@ -14,7 +14,9 @@ from helpers import (
     STREAM,
     MakeConsumer,
     apply_events,
+    delivered_to,
     drained,
+    log_lines,
     push,
     push_random,
     turn_until,
@@ -83,7 +85,7 @@ def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     second = parse(b"2-0", [b"counter", b"w", b"event_id", b"k2"])
     apply_events(r, "w", "t", [first], day)
     apply_events(r, "w", "t", [second], 1_000)
-    assert r.pttl(counters.applied_key("w")) > day - 60_000
+    assert r.pttl(counters.event_ids_key("w")) > day - 60_000
     time.sleep(1.1)  # the short-window marker is gone; the day-long one must not be
     retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
     assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Outcome.ALREADY_APPLIED
@@ -157,3 +159,21 @@ def test_worker_stops_applying_while_redis_may_evict_keys_and_resumes_when_it_ca
     assert worker.log().count("redis may evict keys") >= 2  # said again while it lasted
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == ExitCode.OK
+
+
+def test_search_for_deleted_entries_refused_by_an_acl_gives_up_and_counting_goes_on(
+    r: redis.Redis, own_redis: Any, make_consumer: MakeConsumer
+) -> None:
+    # A user that may not SCAN: the search for a deleted entry's marker fails for good.
+    r.acl_setuser("noscan", enabled=True, nopass=True, keys=["*"], commands=["+@all", "-scan"])
+    gone = delivered_to(r, "dead", "d", 5)
+    r.xdel(STREAM, gone)
+    push(r, "d", 2)
+    time.sleep(1.05)  # CLAIM_IDLE_MS
+    url = own_redis.url.replace("redis://", "redis://noscan@")
+    consumer = make_consumer(redis_url=url)
+    turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
+    assert values(r, {"d"}) == {"d": 2}
+    (gave_up,) = log_lines(consumer, "could not look for the markers of deleted entries")
+    assert gave_up["ids"] == [gone.decode()]
+    assert "NOPERM" in gave_up["error"] or "permission" in gave_up["error"]

@@ -166,7 +166,9 @@ class BatchApplier:
                 )
                 if isinstance(claimed, Exception):
                     raise claimed
-                pending.update(stream.parse_claim_own(claimed))
+                kept = stream.parse_claim_own(claimed)
+                pending.update(kept.counts)
+                outcome.deleted += kept.deleted  # off the pending list: dropped below
         missing: list[bytes] = []
         changed: list[Event] = []
         for h in batch:

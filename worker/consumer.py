@@ -1,16 +1,20 @@
 """The worker loop: reclaim, read, dead-letter, apply (``batch``), back off, shut down.
 
-Each turn: a page of XAUTOCLAIM when due (entries idle for CLAIM_IDLE_MS, any consumer's),
-then a read: first this consumer's own pending list (after a start or an error), then new
-entries (XREADGROUP >, blocking BLOCK_MS unless entries are kept in hand). Each batch is
-parsed; invalid entries and entries delivered more than MAX_DELIVERIES times go to the
-dead-letter stream (atomic with their XACK); the rest go through ``batch.BatchApplier``.
-Entries whose lock stayed busy, or whose lock was lost, are kept in hand for the next turn.
+Each turn: when due (each reclaim interval), a check that Redis cannot evict keys and a
+page of the reclaim sweep (entries idle for CLAIM_IDLE_MS, any consumer's); a little of the
+search for the markers of entries found deleted, if any; then a read: first this consumer's
+own pending list (after a start or an error), then new entries (XREADGROUP >, blocking at
+most BLOCK_MS, less when something in hand is due). Each batch is parsed; invalid entries
+and entries delivered more than MAX_DELIVERIES times go to the dead-letter stream (atomic
+with their XACK); the rest go through ``batch.BatchApplier``. Entries whose lock stayed
+busy, or whose lock was lost, are kept in hand for the next turn, and claimed ours again
+every CLAIM_IDLE_MS / 3 so that they never look idle to other replicas.
 
 A crash anywhere leaves entries pending; the markers make their redelivery a no-op.
 Connection errors and transient Redis errors (OOM, LOADING, READONLY...) drop what is in
 hand (it is still pending, and ours), back off with jitter and start again from our own
-pending list, without counting that as a redelivery.
+pending list, without counting that as a redelivery. A maxmemory-policy that may evict keys
+does the same, and the loop waits until it is noeviction again.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ class Consumer:
             check_no_eviction(self.client)  # raises EvictingRedis: the loop waits
             self._next_server_check = time.monotonic() + self.reclaimer.interval
         if self.deleted.busy():
-            self._report(self.deleted.step())
+            self._report(self._search_deleted())
         if self._held:
             self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
             now = time.monotonic()
@@ -208,6 +212,8 @@ class Consumer:
         """BLOCK_MS, or less: until the next reclaim sweep, the first held entry is due or
         the entries in hand must be claimed ours again (else they would look idle)."""
         wake = [self.reclaimer.next_sweep]
+        if self.deleted.busy():
+            wake.append(0.0)  # the search goes on a little each turn
         keep = self._keep_ours_due()
         if keep is not None:
             wake.append(keep)
@@ -263,8 +269,8 @@ class Consumer:
         self._dead_letter(job.rejected)
         if job.gone:
             scripts.command(self.client, "XACK", self.s.stream, self.s.group, *job.gone)
-            self._forget_deleted(job.gone)
         outcome = job.outcome
+        self._forget_deleted(job.gone + outcome.deleted)
         # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
         self._deferred += outcome.busy + outcome.lost
         self._hold(outcome.held)
@@ -295,13 +301,38 @@ class Consumer:
         """Pending entries found deleted from the stream are out of the pending list (the
         claim dropped them, or we acknowledged them): look for their markers, to tell
         whether they were counted (``worker.deleted``)."""
-        if ids:
-            self.log.info(
-                "pending entries were deleted from the stream; looking for their markers to "
-                "tell whether they were counted",
-                ids=[i.decode() for i in ids],
+        if not ids:
+            return
+        self.log.info(
+            "pending entries were deleted from the stream; looking for their markers to "
+            "tell whether they were counted",
+            ids=[i.decode() for i in ids],
+        )
+        left_out = self.deleted.add(ids)
+        if left_out:
+            self.log.warning(
+                "too many deleted entries to look for: whether these were counted is unknown",
+                count=len(left_out),
+                ids=[i.decode() for i in left_out[:10]],
             )
-            self.deleted.add(ids)
+
+    def _search_deleted(self) -> list[Verdict]:
+        """A little more of the search (``worker.deleted``); it gives up on an error that
+        will not pass (say, SCAN refused by an ACL): it must not stop the counting."""
+        try:
+            return self.deleted.step()
+        except ResponseError as exc:
+            if is_transient(exc):
+                raise
+            ids = self.deleted.give_up()
+            self.log.warning(
+                "could not look for the markers of deleted entries: whether they were "
+                "counted is unknown",
+                error=str(exc),
+                count=len(ids),
+                ids=[i.decode() for i in ids[:10]],
+            )
+            return []
 
     def _report(self, verdicts: list[Verdict]) -> None:
         for verdict in verdicts:
@@ -342,16 +373,15 @@ class Consumer:
             self._deferred_since = None
             return
         now = time.monotonic()
-        if self._deferred_since is None and not self._claim_now:
-            self._deferred_since = now
-            return
         due = self._keep_ours_due()
         if due is None or now < due:
             return
         self._claim_now = False
         s = self.s
         ids = [e.entry_id for e in (*self._deferred, *self._held)]
-        still = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
+        kept = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
+        self._forget_deleted(kept.deleted)
+        still = kept.counts
         in_hand = [e for e in (*self._deferred, *self._held) if e.entry_id in still]
         again = [e for e in in_hand if still[e.entry_id] > e.deliveries]  # away and back
         for event in again:
@@ -369,7 +399,7 @@ class Consumer:
         if not self._deferred and not self._held:
             return None
         if self._claim_now or self._deferred_since is None:
-            return 0.0  # at once
+            return 0.0  # at once: just come into hand (after a batch's wait), or an outage
         return self._deferred_since + self.s.claim_idle_ms / 3000
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
@@ -420,6 +450,7 @@ class Consumer:
         self._backlog_is_redelivery = False
         self._next_server_check = 0.0
         self.reclaimer.restart()
+        self.deleted.restart()
 
     def _on_unavailable(self, exc: Exception) -> None:
         self._connection_failures += 1

@@ -10,13 +10,13 @@ one script can touch them all:
                          consumer's lane too (docs/design-lock-lanes.md)
     sc:{<name>}:next:<consumer>
                          the replica waiting for that lane, if any (short-lived)
-    sc:{<name>}:applied  markers, a sorted set scored by expiry time (ms):
-                           'x:<stream>|<entry id>'
-                                           entry applied, not yet acknowledged; removed
-                                           after XACK, else kept ENTRY_MARKER_TTL_MS (the
-                                           stream is part of it: several streams may feed
-                                           one counter, with the same ids)
-                           'k:<event_id>'  producer's idempotency key; lives for the window
+    sc:{<name>}:applied  entry markers, a sorted set scored by expiry time (ms):
+                         'x:<stream>|<entry id>' for an entry applied, not yet acknowledged;
+                         removed after XACK, else kept ENTRY_MARKER_TTL_MS (the stream is
+                         part of it: several streams may feed one counter, with the same ids)
+    sc:{<name>}:event_ids
+                         event_id markers, the same way: 'k:<event_id>', a producer's
+                         idempotency key, kept for the dedupe window
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def waiter_key(name: str, consumer: str) -> str:
 
 def applied_key(name: str) -> str:
     return f"sc:{{{name}}}:applied"
+
+
+def event_ids_key(name: str) -> str:
+    return f"sc:{{{name}}}:event_ids"
 
 
 def entry_marker(stream: bytes, entry_id: bytes) -> bytes:
@@ -116,13 +120,14 @@ def apply_call(
     for group in groups:
         name, events = group.name, group.events
         its = lanes[name]
-        add_keys((value_key(name), applied_key(name), *its))
         if len(events) == 1:  # the common case with many counters: no loops, no lists
             event = events[0]
             total = "" if group.probe else event.delta
             if event.event_id is None:
+                add_keys((value_key(name), applied_key(name), *its))
                 add_args((len(its), total, 1, event.entry_id, 0))
             else:
+                add_keys((value_key(name), applied_key(name), event_ids_key(name), *its))
                 add_args((len(its), total, 1, event.entry_id, 1, 1, event.event_id))
             continue
         add_args((len(its), "" if group.probe else sum(e.delta for e in events), len(events)))
@@ -133,6 +138,10 @@ def apply_call(
                 eids += (position, event.event_id)
         args.append(len(eids) // 2)
         add_args(eids)
+        if eids:  # its event_id markers' key only when it has some (see counter_apply.lua)
+            add_keys((value_key(name), applied_key(name), event_ids_key(name), *its))
+        else:
+            add_keys((value_key(name), applied_key(name), *its))
     return Call(APPLY, tuple(args), tuple(keys))
 
 

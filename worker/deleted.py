@@ -23,10 +23,12 @@ from worker import counters, scripts
 from worker.scripts import Call
 
 MARKERS_KEYS = "sc:{*}:applied"
-PAGE = 500
+PAGE = 100
 """Keys per SCAN call; each markers key among them costs one ZMSCORE of the ids."""
-IDS_PER_WALK = 100
-"""Ids one walk looks for (the rest wait for the next walk): a ZMSCORE stays small."""
+IDS_PER_WALK = 1000
+"""Ids one walk looks for (the rest wait for the next walk)."""
+MAX_QUEUED = 10_000
+"""Ids waiting for a walk; more are not searched (a trim far below the pending entries)."""
 BUDGET_S = 0.02
 """Time one turn of the loop gives the walk."""
 
@@ -50,19 +52,27 @@ class DeletedEntries:
         halfway could miss a key it passed before)."""
         self._cursor = 0
 
-    def add(self, ids: Iterable[bytes]) -> None:
-        self._queued.update(ids)
+    def add(self, ids: Iterable[bytes]) -> list[bytes]:
+        """Look for these ids' markers; returns those left out (too many waiting)."""
+        new = [i for i in ids if i not in self._looking and i not in self._queued]
+        room = max(0, MAX_QUEUED - len(self._queued))
+        self._queued.update(new[:room])
         if not self._looking:
             self._next_walk()
-
-    def _next_walk(self) -> None:
-        ids = sorted(self._queued)[:IDS_PER_WALK]
-        self._looking = set(ids)
-        self._queued.difference_update(ids)
-        self._cursor = 0
+        return new[room:]
 
     def busy(self) -> bool:
         return bool(self._looking)
+
+    def restart(self) -> None:
+        """Walk again from the start (after a lost connection: the server may be another)."""
+        self._cursor = 0
+
+    def give_up(self) -> list[bytes]:
+        """Stop looking (the search failed for good); returns the ids not told apart."""
+        ids = sorted(self._looking | self._queued)
+        self._looking, self._queued, self._cursor = set(), set(), 0
+        return ids
 
     def step(self) -> list[Verdict]:
         """Walk on for BUDGET_S (a page at least): the ids whose marker it found, and those
@@ -70,8 +80,9 @@ class DeletedEntries:
         verdicts: list[Verdict] = []
         end = time.monotonic() + BUDGET_S
         while self._looking:
-            self._cursor, keys = self.client.scan(self._cursor, MARKERS_KEYS, PAGE, "zset")
+            cursor, keys = self.client.scan(self._cursor, MARKERS_KEYS, PAGE, "zset")
             verdicts += self._look_in([k if isinstance(k, bytes) else k.encode() for k in keys])
+            self._cursor = cursor  # only once the page is done: a failure redoes it
             if self._cursor == 0:  # the walk is over: what it did not find was not counted
                 verdicts += [Verdict(i, None) for i in sorted(self._looking)]
                 self._looking = set()
@@ -80,6 +91,12 @@ class DeletedEntries:
             if time.monotonic() >= end:
                 break
         return verdicts
+
+    def _next_walk(self) -> None:
+        ids = sorted(self._queued)[:IDS_PER_WALK]
+        self._looking = set(ids)
+        self._queued.difference_update(ids)
+        self._cursor = 0
 
     def _look_in(self, keys: list[bytes]) -> list[Verdict]:
         if not keys:
@@ -111,3 +128,6 @@ class DeletedEntries:
         (reply,) = scripts.run(self.client, [call])
         if isinstance(reply, Exception):
             raise reply
+        errors = [r for r in reply if isinstance(r, bytes)]
+        if errors:
+            raise redis.ResponseError(errors[0].decode(errors="replace"))

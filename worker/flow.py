@@ -104,7 +104,14 @@ class Flow:
                     if all(now - t < wait_s for t in since.values()):
                         carry += busy
                         cur.busy = {}
-                    carried_since = since
+                    # Carried entries skip the batch in between (it may have busy entries
+                    # of its own): remember the ones still carried, or in that batch.
+                    ahead = {e.entry_id for e in carry}
+                    if nxt is not None:
+                        ahead.update(e.entry_id for e in nxt.valid)
+                    carried_since = {
+                        i: t for i, t in {**carried_since, **since}.items() if i in ahead
+                    }
                 self.applier.settle(cur.busy, cur.outcome)
                 # (no stall sleep here: the next batch may hold locks; the flow ends instead)
                 refused = refused or self.conclude(cur, False)

@@ -37,3 +37,5 @@ class BatchOutcome:
     """Time spent waiting (holding no lock) for busy counters."""
     held: list[Event] = field(default_factory=list)
     """Delivered again since they were read: to hold for LOCK_TTL_MS before applying."""
+    deleted: list[bytes] = field(default_factory=list)
+    """Found deleted from the stream (and so taken off the pending list): not applied."""

@@ -124,22 +124,35 @@ def confirm_call(stream: str, group: str, consumer: str, count: int) -> Call:
     return Call.command("XPENDING", stream, group, "-", "+", count, consumer)
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What a keep-ours claim found (claim_own.lua)."""
+
+    counts: dict[bytes, int]
+    """Entries still pending for us, claimed ours again: their delivery counts."""
+    deleted: list[bytes]
+    """Entries that were pending for us but are deleted from the stream: the claim took
+    them off the pending list."""
+
+
 def claim_own(
     client: redis.Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
-) -> dict[bytes, int]:
+) -> Kept:
     """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
-    time reset, no delivery counted), with their delivery counts (see claim_own.lua)."""
+    time reset, no delivery counted), and those found deleted (see claim_own.lua)."""
     chunk = 1000  # Lua unpacks at most ~8,000 values into one command
     calls = [
         claim_own_call(stream, group, consumer, ids[i : i + chunk])
         for i in range(0, len(ids), chunk)
     ]
-    found: dict[bytes, int] = {}
+    kept = Kept({}, [])
     for reply in scripts.run(client, calls) if calls else []:
         if isinstance(reply, Exception):
             raise reply
-        found.update(parse_claim_own(reply))
-    return found
+        part = parse_claim_own(reply)
+        kept.counts.update(part.counts)
+        kept.deleted.extend(part.deleted)
+    return kept
 
 
 def claim_own_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
@@ -147,5 +160,7 @@ def claim_own_call(stream: str, group: str, consumer: str, ids: Sequence[bytes])
     return Call.eval(CLAIM_OWN, [stream], [group, consumer, *ids])
 
 
-def parse_claim_own(reply: Any) -> dict[bytes, int]:
-    return {bytes(reply[i]): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+def parse_claim_own(reply: Any) -> Kept:
+    claimed, deleted = reply
+    counts = {bytes(claimed[i]): int(claimed[i + 1]) for i in range(0, len(claimed), 2)}
+    return Kept(counts, [bytes(i) for i in deleted])

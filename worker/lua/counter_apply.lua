@@ -2,13 +2,17 @@
 -- several counters (all in one cluster slot); each counter is handled on its own and
 -- nothing one counter does can fail another.
 --
--- Per counter, in order: its value key, its applied-markers key (a sorted set: member
--- 'x:<stream>|<entry id>' or 'k:<event_id>', score = expiry in ms), then the m lock lanes
--- the caller needs for its entries (its own, and those of the consumers it claimed them
--- from). ARGV[1] event_id marker life in ms (the dedupe window), ARGV[2] entry marker life
--- in ms (normally cleared after XACK long before: it outlives outages), ARGV[3] the entry
--- marker prefix 'x:<stream>|', ARGV[4] the lock token the caller holds every lane with,
--- then per counter:
+-- Per counter, in order: its value key, its entry-markers key (a sorted set: member
+-- 'x:<stream>|<entry id>', score = expiry in ms), its event_id-markers key (member
+-- 'k:<event_id>'; only for counters with k > 0 below), then the m lock lanes the caller
+-- needs for its entries (its own, and those of the consumers it claimed them from). The
+-- two kinds of marker live in two keys because they live for different times: an entry
+-- marker until its XACK (ENTRY_MARKER_TTL_MS at most, so that it outlives outages), an
+-- event_id marker for the dedupe window. (Workers before this layout kept 'k:' markers in
+-- the entry-markers key too; they are looked up there as well.)
+-- ARGV[1] event_id marker life in ms (the dedupe window), ARGV[2] entry marker life in ms,
+-- ARGV[3] the entry marker prefix 'x:<stream>|', ARGV[4] the lock token the caller holds
+-- every lane with, then per counter:
 --   m, total, n, id_1 .. id_n, k, (position, event_id) * k
 -- where total is the exact sum of the deltas (computed by the caller: Lua numbers are
 -- doubles), or '' to only probe which events already have a marker.
@@ -26,7 +30,6 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- As strings, once: a Lua number passed to redis.call is formatted on every call.
 local kexpires = string.format('%d', now + tonumber(ARGV[1]))
 local xexpires = string.format('%d', now + tonumber(ARGV[2]))
-local expires = string.format('%d', now + math.max(tonumber(ARGV[1]), tonumber(ARGV[2])))
 local horizon = string.format('%d', now)
 local prefix = ARGV[3]
 local token = ARGV[4]
@@ -50,7 +53,15 @@ local function fenced(lanes, m)
 end
 
 -- ids are ARGV[first .. first+n-1]; event_id pairs start at ARGV[efirst] (k of them)
-local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
+-- The key lives as long as its longest-lived marker: a replica with a shorter window must
+-- not cut the life of markers written with a longer one.
+local function live_until(key, expires)
+  if redis.call('PEXPIREAT', key, expires, 'NX') == 0 then
+    redis.call('PEXPIREAT', key, expires, 'GT')
+  end
+end
+
+local function apply(vkey, akey, ekey, lanes, m, total, first, n, efirst, k)
   local refused = fenced(lanes, m)
   if refused then
     return refused
@@ -68,6 +79,21 @@ local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
   local scores = redis.pcall('ZMSCORE', akey, unpack(members))
   if failed(scores) then
     return {3, scores.err}
+  end
+  local estale = false
+  if k > 0 then
+    local escores = redis.pcall('ZMSCORE', ekey, unpack(members, n + 1))
+    if failed(escores) then
+      return {3, escores.err}
+    end
+    for j = 1, k do
+      local score = escores[j]
+      if score and tonumber(score) <= now then
+        estale = true
+      elseif score then
+        scores[n + j] = score
+      end
+    end
   end
   local seen = {}
   local skipped = {2}
@@ -88,6 +114,9 @@ local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
   if stale or now % 32 == 0 then
     redis.call('ZREMRANGEBYSCORE', akey, '-inf', horizon)
   end
+  if k > 0 and (estale or now % 32 == 0) then
+    redis.call('ZREMRANGEBYSCORE', ekey, '-inf', horizon)
+  end
   if #skipped > 1 then
     return skipped
   end
@@ -99,15 +128,20 @@ local function apply(vkey, akey, lanes, m, total, first, n, efirst, k)
     return {3, value.err}
   end
   local zargs = {}
-  for j = 1, #members do
-    zargs[#zargs + 1] = j <= n and xexpires or kexpires
-    zargs[#zargs + 1] = members[j]
+  for j = 1, n do
+    zargs[2 * j - 1] = xexpires
+    zargs[2 * j] = members[j]
   end
   redis.call('ZADD', akey, unpack(zargs))
-  -- The key lives as long as its longest-lived marker: a replica with a shorter window
-  -- must not cut the life of markers written with a longer one.
-  if redis.call('PEXPIREAT', akey, expires, 'NX') == 0 then
-    redis.call('PEXPIREAT', akey, expires, 'GT')
+  live_until(akey, xexpires)
+  if k > 0 then
+    zargs = {}
+    for j = 1, k do
+      zargs[2 * j - 1] = kexpires
+      zargs[2 * j] = members[n + j]
+    end
+    redis.call('ZADD', ekey, unpack(zargs))
+    live_until(ekey, kexpires)
   end
   return 1
 end
@@ -138,7 +172,7 @@ local function apply_one(vkey, akey, lanes, m, total, id)
     return {3, value.err}
   end
   redis.call('ZADD', akey, xexpires, member)
-  if redis.call('PEXPIREAT', akey, xexpires, 'NX') == 0 then
+  if redis.call('PEXPIREAT', akey, xexpires, 'NX') == 0 then -- live_until(), inline
     redis.call('PEXPIREAT', akey, xexpires, 'GT')
   end
   return 1
@@ -154,12 +188,17 @@ while a <= nargs do
   local m, total, n = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
   local k = tonumber(ARGV[a + 3 + n])
   local v, mk = KEYS[ki], KEYS[ki + 1]
-  if n == 1 and k == 0 then
-    replies[c] = apply_one(v, mk, ki + 2, m, total, ARGV[a + 3])
+  if k == 0 then
+    if n == 1 then
+      replies[c] = apply_one(v, mk, ki + 2, m, total, ARGV[a + 3])
+    else
+      replies[c] = apply(v, mk, nil, ki + 2, m, total, a + 3, n, a + 4 + n, 0)
+    end
+    ki = ki + 2 + m
   else
-    replies[c] = apply(v, mk, ki + 2, m, total, a + 3, n, a + 4 + n, k)
+    replies[c] = apply(v, mk, KEYS[ki + 2], ki + 3, m, total, a + 3, n, a + 4 + n, k)
+    ki = ki + 3 + m
   end
-  ki = ki + 2 + m
   a = a + 4 + n + 2 * k
 end
 return replies

@@ -1,3 +1,7 @@
+#!lua flags=allow-oom
+-- (allow-oom: it only removes lanes and markers or shortens their lives, and must do so
+-- when Redis refuses writes that would grow memory.)
+--
 -- After XACK: per counter, release the lock lanes taken for it and end the markers of the
 -- acknowledged entries, for one or more counters (all in one cluster slot).
 --
@@ -11,17 +15,21 @@
 -- (see docs/design-lock-lanes.md, rule B). A free lane says nothing about a claimer down a
 -- chain, so if a lane was lost, or none was taken (m = 0: entries found gone from the
 -- stream's pending list some other way), the markers are cut short instead: they expire a
--- lock TTL from now, by Redis' clock, when every lock taken before now has expired. Each
--- lane still ours is released. The key then lives as long as its longest-lived marker.
+-- lock TTL (+10 ms) from now, by Redis' clock, when every lock taken before now has
+-- expired, and the key lives as long as its longest-lived marker. Each lane still ours is
+-- released.
 -- Returns per counter: 1 markers removed and every lane released, 0 markers cut short
 -- (lanes still ours released), or an error text if a key has a wrong type.
 local replies = {}
 local prefix, token = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
+-- (+10 ms: a later apply reads TIME once it runs, a little after the instant that decides
+-- whether a lock has expired)
 local soon = string.format(
-  '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]) + 1)
+  '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]) + 10)
+local SLICE = 1000 -- ids per command: Lua unpacks at most ~8,000 values into one call
 
--- The key lives as long as its longest-lived marker (an event_id's, or another batch's).
+-- After markers were cut short: the key lives as long as its longest-lived marker.
 local function rearm(akey)
   local last = redis.call('ZRANGE', akey, -1, -1, 'WITHSCORES')
   if last[2] then
@@ -30,28 +38,27 @@ local function rearm(akey)
 end
 
 -- The markers of ids ARGV[a+2 .. a+1+n]: removed, or (short) given a life ending soon, only
--- ever shorter (XX LT). nil, or an error text.
+-- ever shorter (XX LT), a slice of ids at a time. nil, or an error text.
 local function finish(akey, a, n, short)
-  local done
-  if n == 1 and not short then
-    done = redis.pcall('ZREM', akey, prefix .. ARGV[a + 2])
-  else
+  for first = 1, n, SLICE do
     local args = {}
     if short then
       args = {'XX', 'LT'}
     end
-    for i = 1, n do
+    for i = first, math.min(n, first + SLICE - 1) do
       if short then
         args[#args + 1] = soon
       end
       args[#args + 1] = prefix .. ARGV[a + 1 + i]
     end
-    done = redis.pcall(short and 'ZADD' or 'ZREM', akey, unpack(args))
+    local done = redis.pcall(short and 'ZADD' or 'ZREM', akey, unpack(args))
+    if type(done) == 'table' and done.err then
+      return done.err
+    end
   end
-  if type(done) == 'table' and done.err then
-    return done.err
+  if short then
+    rearm(akey)
   end
-  rearm(akey)
   return nil
 end
 
@@ -74,7 +81,12 @@ while a <= nargs do
       reply = 0
     end
   end
-  if n > 0 and (reply == 1 or reply == 0) then
+  if n == 1 and reply == 1 then -- the common case with many counters, inline
+    local done = redis.pcall('ZREM', akey, prefix .. ARGV[a + 2])
+    if type(done) == 'table' and done.err then
+      reply = done.err
+    end
+  elseif n > 0 and (reply == 1 or reply == 0) then
     reply = finish(akey, a, n, reply == 0) or reply
   end
   replies[c] = reply

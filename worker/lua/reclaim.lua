@@ -19,7 +19,10 @@ for i, p in ipairs(pending) do
   ids[i] = p[1]
   info[p[1]] = p
 end
-local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ids))
+-- Min-idle 0: these ids were idle long enough a moment ago, in this same atomic step (a
+-- repeated check against a clock that stepped back could skip some), so an id XCLAIM does
+-- not return was deleted from the stream.
+local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(ids))
 local claimed = {}
 local seen = {}
 for _, entry in ipairs(got) do
