@@ -6,6 +6,9 @@ FAULT_STEP    the round trip that carries this step: lock | apply | ack_release 
 FAULT_WHEN    before (it is sent) | after (its replies are read)
 FAULT_NTH     on the n-th round trip carrying that step (default 1)
 FAULT_ACTION  kill (SIGKILL self) | stop (SIGSTOP self: the test resumes us with SIGCONT)
+              | cut (FAULT_WHEN=before only: send the round trip up to its step's first
+              call, an ack_release round's XACK, then lose the connection: Redis runs
+              what it read, and the process goes on, as after a network failure)
 
 Only this process's own code is patched, at the one place every round trip goes through
 (``worker.scripts.Pipe``); Redis is real and decides everything.
@@ -20,6 +23,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import ConnectionError
+
 from worker import cli
 from worker.scripts import Pipe, Round
 
@@ -28,7 +33,8 @@ def inject() -> None:
     step = os.environ["FAULT_STEP"]
     when = os.environ.get("FAULT_WHEN", "before")
     nth = int(os.environ.get("FAULT_NTH", "1"))
-    sig = signal.SIGKILL if os.environ.get("FAULT_ACTION", "kill") == "kill" else signal.SIGSTOP
+    action = os.environ.get("FAULT_ACTION", "kill")
+    sig = signal.SIGKILL if action == "kill" else signal.SIGSTOP
     send, recv = Pipe.send, Pipe.recv
     seen = 0
     armed: deque[bool] = deque()  # per unanswered send: fault after its replies?
@@ -44,6 +50,8 @@ def inject() -> None:
         if any(r.step == step for r in rounds):
             seen += 1
             hit = seen == nth
+        if hit and when == "before" and action == "cut":
+            cut_after_first_call(self, rounds)
         if hit and when == "before":
             fault()
         send(self, rounds)
@@ -55,6 +63,15 @@ def inject() -> None:
         if hit:
             fault()
         return replies
+
+    def cut_after_first_call(self: Pipe, rounds: Sequence[Round]) -> None:
+        at = next(i for i, r in enumerate(rounds) if r.step == step)
+        part = [*rounds[:at], rounds[at]._replace(calls=rounds[at].calls[:1])]
+        send(self, part)
+        sys.stdout.write(f'{{"event": "fault injected", "step": "{step}", "when": "cut"}}\n')
+        sys.stdout.flush()
+        self._drop()  # the connection is lost: what the rounds acknowledged is kept
+        raise ConnectionError("fault injected: connection lost after the first call")
 
     drop = Pipe._drop
 

@@ -142,6 +142,22 @@ def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_work
     stop_cleanly(*workers)
 
 
+def test_connection_lost_between_the_xack_and_the_marker_removal_leaves_no_marker_behind(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    # Redis read the round trip's XACK, not the finish after it (a network failure mid-
+    # round): the entries are acknowledged and their markers must not stay 30 days.
+    r = redis_server.client()
+    expected = push_random(r, 3000, names=10)
+    fault = {"FAULT_STEP": "ack_release", "FAULT_NTH": "3", "FAULT_ACTION": "cut"}
+    worker = spawn_worker(redis_server.url, fault=fault, **FAST)
+    worker.wait_for_log("fault injected")
+    wait_drained(r, 60)
+    assert_exact(r, expected)  # counted once, and no marker left
+    assert "redis unavailable; retrying" in worker.log()
+    stop_cleanly(worker)
+
+
 def test_entries_applied_before_an_outage_longer_than_the_dedupe_window_count_once(
     aof_redis: Any, spawn_worker: Any
 ) -> None:

@@ -237,6 +237,25 @@ def test_finish_with_one_of_two_lanes_lost_keeps_markers_and_releases_only_its_o
     assert r.get(theirs) == b"their-new-token"  # theirs untouched
 
 
+def test_markers_cut_short_do_not_outlive_their_life_in_a_key_another_apply_kept_alive(
+    r: redis.Redis,
+) -> None:
+    # X's finish lost its lane (X's marker cut short); Y is applied (the key would live 30
+    # days) and finished while X's marker is still alive: the key must go with X's marker.
+    token = take_lock(r)
+    apply(r, token, [ev(1)])
+    r.set(LOCK, "someone-else")
+    short = counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0"])], 200)
+    assert scripts.run(r, [short]) == [[0]]
+    r.delete(LOCK)
+    token = take_lock(r)
+    apply(r, token, [ev(2)])
+    assert finish(r, token, [ev(2)]) == 1
+    assert 0 < r.pttl(APPLIED) <= 210
+    time.sleep(0.25)
+    assert bookkeeping_keys(r) == []
+
+
 def test_finish_without_any_lane_cuts_markers_short_and_never_lengthens_them(
     r: redis.Redis,
 ) -> None:

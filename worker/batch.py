@@ -161,14 +161,14 @@ class BatchApplier:
         if len(confirmed) == count:  # our pending list is longer: ask by id
             unseen = [h.entry_id for h in batch if h.entry_id not in pending]
             if unseen:
-                (claimed,) = yield Round(
-                    "confirm", [stream.claim_own_call(s.stream, s.group, me, unseen)]
-                )
-                if isinstance(claimed, Exception):
-                    raise claimed
-                kept = stream.parse_claim_own(claimed)
-                pending.update(kept.counts)
-                outcome.deleted += kept.deleted  # off the pending list: dropped below
+                chunks = [unseen[i : i + 1000] for i in range(0, len(unseen), 1000)]
+                calls = [stream.claim_own_call(s.stream, s.group, me, c) for c in chunks]
+                for claimed in (yield Round("confirm", calls)):
+                    if isinstance(claimed, Exception):
+                        raise claimed
+                    kept = stream.parse_claim_own(claimed)
+                    pending.update(kept.counts)
+                    outcome.deleted += kept.deleted  # off the pending list: dropped below
         missing: list[bytes] = []
         changed: list[Event] = []
         for h in batch:
@@ -391,7 +391,7 @@ class BatchApplier:
         releases += [(n, lanes[n], []) for n in partial]
         finish = counters.finish_call(self.stream_key, token, releases, self.s.lock_ttl_ms)
         calls.append(finish.packed())
-        return Round("ack_release", calls)
+        return Round("ack_release", calls, acked=releases)
 
 
 class Plan(NamedTuple):

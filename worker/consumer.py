@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Settings
-from worker import deadletter, events, scripts, stream
+from worker import counters, deadletter, events, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import BatchApplier
 from worker.connection import check_no_eviction, ensure_group, is_transient
@@ -92,6 +92,9 @@ class Consumer:
         self._deferred_since: float | None = None
         self._next_server_check = 0.0
         """When to check Redis' maxmemory-policy again (each reclaim interval)."""
+        self._lost_acks: dict[str, set[bytes]] = {}
+        """Entries (per counter) acknowledged by a round trip whose reply was lost: their
+        markers may have stayed (``_settle_lost_acks``)."""
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -137,6 +140,8 @@ class Consumer:
         if time.monotonic() >= self._next_server_check:
             check_no_eviction(self.client)  # raises EvictingRedis: the loop waits
             self._next_server_check = time.monotonic() + self.reclaimer.interval
+        if self._lost_acks:
+            self._settle_lost_acks()
         if self.deleted.busy():
             self._report(self._search_deleted())
         if self._held:
@@ -271,9 +276,12 @@ class Consumer:
             scripts.command(self.client, "XACK", self.s.stream, self.s.group, *job.gone)
         outcome = job.outcome
         self._forget_deleted(job.gone + outcome.deleted)
-        # Busy or lost: keep them in hand for the next turn (they stay pending, ours).
+        # Busy or lost: keep them in hand for the next turn (they stay pending, ours), and
+        # claim them ours at once: they may have waited LOCK_WAIT_MS already.
         self._deferred += outcome.busy + outcome.lost
         self._hold(outcome.held)
+        if outcome.busy or outcome.lost or outcome.held:
+            self._claim_now = True
         self._keep_deferred_ours()
         progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
         if self._deferred and not progress and stall:
@@ -296,6 +304,19 @@ class Consumer:
                 ms=round((time.perf_counter() - job.started) * 1000, 2),
             )
         return outcome.refused
+
+    def _settle_lost_acks(self) -> None:
+        """After a lost connection: the XACK of a round trip whose reply was lost may have
+        run, and the removal of the entries' markers after it not (Redis had read only
+        part of the round). Those entries no longer pending were acknowledged: their
+        markers expire one lock TTL from now. Those still pending come back with our own
+        pending list (or another replica's claim), and are finished as usual."""
+        s = self.s
+        ids = [i for acked in self._lost_acks.values() for i in acked]
+        still = stream.delivery_counts(self.client, s.stream, s.group, ids)
+        done = {n: [i for i in acked if i not in still] for n, acked in self._lost_acks.items()}
+        counters.expire_soon(self.client, s.stream.encode(), done, s.lock_ttl_ms)
+        self._lost_acks = {}
 
     def _forget_deleted(self, ids: list[bytes]) -> None:
         """Pending entries found deleted from the stream are out of the pending list (the
@@ -399,7 +420,7 @@ class Consumer:
         if not self._deferred and not self._held:
             return None
         if self._claim_now or self._deferred_since is None:
-            return 0.0  # at once: just come into hand (after a batch's wait), or an outage
+            return 0.0  # at once: new in hand (after a batch's wait), or after an outage
         return self._deferred_since + self.s.claim_idle_ms / 3000
 
     def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
@@ -442,7 +463,11 @@ class Consumer:
     def _reset_after_error(self) -> None:
         """Forget what is in hand: it is still pending on the server, and ours; read our
         own pending list again from the start. (The time of the last keep-ours claim stays:
-        the same entries come back, and must not look idle to other replicas meanwhile.)"""
+        the same entries come back, and must not look idle to other replicas meanwhile.)
+        Keep what a lost round trip acknowledged, to settle it (``_settle_lost_acks``)."""
+        for name, _lanes, ids in self.pipe.lost_acks:
+            self._lost_acks.setdefault(name, set()).update(ids)
+        self.pipe.lost_acks.clear()
         self._deferred = []
         self._held = []
         self._claim_now = True  # what comes back may have been idle through the outage

@@ -193,6 +193,25 @@ def finish_call(
     return Call.eval(FINISH, keys, args)
 
 
+def expire_soon(
+    client: redis.Redis, stream: bytes, markers: Mapping[str, Sequence[bytes]], lock_ttl_ms: int
+) -> None:
+    """Make the markers of these entries (per counter) expire LOCK_TTL_MS from now: entries
+    that left the pending list without a finish that held every lane (found deleted, or
+    acknowledged by a round whose reply was lost), which nobody can still be writing by
+    then (counter_finish.lua with no lane)."""
+    no_lanes: list[str] = []
+    releases = [(name, no_lanes, ids) for name, ids in markers.items() if ids]
+    if not releases:
+        return
+    (reply,) = scripts.run(client, [finish_call(stream, "", releases, lock_ttl_ms)])
+    if isinstance(reply, Exception):
+        raise reply
+    errors = [r for r in reply if isinstance(r, bytes)]
+    if errors:
+        raise redis.ResponseError(errors[0].decode(errors="replace"))
+
+
 def read_values(client: redis.Redis, names: Sequence[str]) -> dict[str, int]:
     """Current values, in one round trip; a counter never written reads as 0.
 

@@ -114,20 +114,9 @@ class DeletedEntries:
                     found.setdefault(name, []).append(entry_id)
         if not found:
             return []
-        self._expire_soon(found)
+        # No lane proves that nobody still writes these entries: their markers expire one
+        # lock TTL from now, when every lock taken before they left the pending list has.
+        counters.expire_soon(self.client, self.stream_key, found, self.lock_ttl_ms)
         verdicts = [Verdict(i, name) for name, ids in found.items() for i in ids]
         self._looking.difference_update(v.entry_id for v in verdicts)
         return verdicts
-
-    def _expire_soon(self, found: dict[str, list[bytes]]) -> None:
-        """No lane proves that nobody still writes these entries: their markers expire one
-        lock TTL from now, when every lock taken before they left the pending list has."""
-        no_lanes: list[str] = []
-        releases = [(name, no_lanes, ids) for name, ids in found.items()]
-        call = counters.finish_call(self.stream_key, "", releases, self.lock_ttl_ms)
-        (reply,) = scripts.run(self.client, [call])
-        if isinstance(reply, Exception):
-            raise reply
-        errors = [r for r in reply if isinstance(r, bytes)]
-        if errors:
-            raise redis.ResponseError(errors[0].decode(errors="replace"))

@@ -68,6 +68,10 @@ class Round(NamedTuple):
     calls: list[Call]
     meanwhile: Callable[[], None] | None = None
     """Work for this process while Redis runs the calls (drivers call it after sending)."""
+    acked: Sequence[tuple[str, Sequence[str], Sequence[bytes]]] = ()
+    """ack_release: (counter, lanes, entry ids acknowledged) of its finish. Should its
+    replies be lost, its XACK may have run without the removal of the entries' markers that
+    follows it (``Pipe.lost_acks``)."""
 
 
 class Pipe:
@@ -76,33 +80,37 @@ class Pipe:
     ``send`` writes rounds and returns at once; ``recv`` reads the replies of the oldest
     unanswered send. In between the caller can do other work while Redis runs the calls,
     and rounds sent one after the other on this pipe run in the order sent. A connection
-    error closes the connection, forgets every unanswered send and is raised: whether their
-    calls ran is unknown.
+    error closes the connection, forgets every unanswered send (but what they acknowledged,
+    ``lost_acks``) and is raised: whether their calls ran is unknown.
     """
 
     def __init__(self, client: redis.Redis) -> None:
         self._pool = client.connection_pool
         self._conn: Any = None
-        self._waiting: deque[list[int]] = deque()
+        self._waiting: deque[Sequence[Round]] = deque()
+        self.lost_acks: list[tuple[str, Sequence[str], Sequence[bytes]]] = []
+        """What the rounds whose replies were lost with a connection acknowledged
+        (``Round.acked``): their XACK may have run, and the removal of markers after it
+        not. Whoever settles them empties the list."""
 
     def send(self, rounds: Sequence[Round]) -> None:
         if self._conn is None:
             self._conn = self._pool.get_connection()
+        self._waiting.append(rounds)
         try:
             self._conn.send_packed_command([b"".join(_pack(c) for r in rounds for c in r.calls)])
         except BaseException:
             self._drop()
             raise
-        self._waiting.append([len(r.calls) for r in rounds])
 
     def recv(self) -> list[list[Any]]:
         """One list of replies per round of the oldest send, errors as values."""
-        sizes = self._waiting.popleft()
+        rounds = self._waiting[0]
         replies: list[list[Any]] = []
         try:
-            for size in sizes:
+            for r in rounds:
                 results: list[Any] = []
-                for _ in range(size):
+                for _ in r.calls:
                     try:
                         results.append(self._conn.read_response())
                     except ResponseError as exc:
@@ -111,6 +119,7 @@ class Pipe:
         except BaseException:
             self._drop()
             raise
+        self._waiting.popleft()
         if not self._waiting:
             self._pool.release(self._conn)
             self._conn = None
@@ -127,6 +136,7 @@ class Pipe:
             self._drop()
 
     def _drop(self) -> None:
+        self.lost_acks += (acked for rounds in self._waiting for r in rounds for acked in r.acked)
         self._waiting.clear()
         conn, self._conn = self._conn, None
         if conn is not None:

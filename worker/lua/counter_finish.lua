@@ -29,7 +29,9 @@ local soon = string.format(
   '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]) + 10)
 local SLICE = 1000 -- ids per command: Lua unpacks at most ~8,000 values into one call
 
--- After markers were cut short: the key lives as long as its longest-lived marker.
+-- The key lives as long as its longest-lived marker: after markers were cut short, and
+-- after markers were removed from a key that still holds others (cut short before, while
+-- a later apply made the key live 30 days), so that it does not outlive them.
 local function rearm(akey)
   local last = redis.call('ZRANGE', akey, -1, -1, 'WITHSCORES')
   if last[2] then
@@ -62,6 +64,21 @@ local function finish(akey, a, n, short)
   return nil
 end
 
+-- Keys markers were removed from: those that still exist hold other markers (cut short
+-- before, while a later apply made the key live 30 days): re-arm them. One EXISTS for all
+-- of them first: most are gone, emptied by the removal.
+local emptied = {}
+local function rearm_left(keys)
+  for first = 1, #keys, SLICE do
+    local slice = {unpack(keys, first, math.min(#keys, first + SLICE - 1))}
+    if redis.call('EXISTS', unpack(slice)) > 0 then
+      for _, key in ipairs(slice) do
+        rearm(key)
+      end
+    end
+  end
+end
+
 local a = 4
 local ki = 1
 local c = 0
@@ -85,12 +102,18 @@ while a <= nargs do
     local done = redis.pcall('ZREM', akey, prefix .. ARGV[a + 2])
     if type(done) == 'table' and done.err then
       reply = done.err
+    else
+      emptied[#emptied + 1] = akey
     end
   elseif n > 0 and (reply == 1 or reply == 0) then
     reply = finish(akey, a, n, reply == 0) or reply
+    if reply == 1 then
+      emptied[#emptied + 1] = akey
+    end
   end
   replies[c] = reply
   ki = ki + 1 + m
   a = a + 2 + n
 end
+rearm_left(emptied)
 return replies
