@@ -14,6 +14,7 @@ import redis
 
 from worker import counters, scripts
 from worker.consumer import Consumer
+from worker.events import parse
 
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
@@ -47,6 +48,17 @@ def delivered_to(r: redis.Redis, consumer: str, name: str, amount: int) -> bytes
     counters_group(r)
     got = r.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=1000)
     assert entry in [i for i, _ in got[0][1]]
+    return entry
+
+
+def applied_then_crashed(r: redis.Redis, consumer: str, name: str, amount: int) -> bytes:
+    """An entry of counter ``name`` delivered to ``consumer``, which applied it under its
+    lane and died before its XACK (the lane expires 50 ms later)."""
+    entry = delivered_to(r, consumer, name, amount)
+    r.set(counters.lane_key(name, consumer), "t-crashed", px=50)
+    fields = [b"counter", name.encode(), b"amount", str(amount).encode()]
+    result = apply_events(r, name, "t-crashed", [parse(entry, fields)], lanes=(consumer,))
+    assert result.outcome is counters.Outcome.APPLIED
     return entry
 
 

@@ -11,6 +11,7 @@ from helpers import (
     STREAM,
     IdleWatch,
     MakeConsumer,
+    applied_then_crashed,
     apply_events,
     bookkeeping_keys,
     dead_letters,
@@ -150,12 +151,7 @@ def test_applied_entry_deleted_before_its_ack_is_reported_counted_and_its_marker
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
     # A replica applied the entry and died before its XACK; then the entry was trimmed away.
-    entry = delivered_to(r, "crashed", "t", 4)
-    r.set(counters.lane_key("t", "crashed"), "t-crashed", px=50)
-    parsed = parse(entry, [b"counter", b"t", b"amount", b"4"])
-    assert apply_events(r, "t", "t-crashed", [parsed], lanes=("crashed",)).outcome is (
-        counters.Outcome.APPLIED
-    )
+    entry = applied_then_crashed(r, "crashed", "t", 4)
     r.xdel(STREAM, entry)
     time.sleep(1.05)  # CLAIM_IDLE_MS
     consumer = make_consumer()
@@ -195,11 +191,8 @@ def test_deleted_entry_in_our_own_backlog_is_acknowledged_and_reported_not_dead_
 ) -> None:
     # Our predecessor (same name) was killed holding the entry, applied or not; the entry
     # was deleted from the stream before we started.
-    entry = delivered_to(r, "w1", "own", 6)
-    if applied:
-        r.set(counters.lane_key("own", "w1"), "t-before", px=50)
-        parsed = parse(entry, [b"counter", b"own", b"amount", b"6"])
-        apply_events(r, "own", "t-before", [parsed], lanes=("w1",))
+    setup = applied_then_crashed if applied else delivered_to
+    entry = setup(r, "w1", "own", 6)
     r.xdel(STREAM, entry)
     consumer = make_consumer(consumer="w1")
     turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
@@ -282,11 +275,7 @@ def test_counter_held_by_another_replica_mid_stream_is_counted_once_released(
 def test_entry_applied_but_not_acknowledged_by_a_crashed_replica_is_not_counted_again(
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
-    entry = delivered_to(r, "crashed", "once", 4)
-    # The crashed replica took the lock and applied, then died before XACK.
-    r.set(counters.lane_key("once", "me"), "t-crashed", px=50)
-    parsed = parse(entry, [b"counter", b"once", b"amount", b"4"])
-    assert apply_events(r, "once", "t-crashed", [parsed]).outcome is counters.Outcome.APPLIED
+    applied_then_crashed(r, "crashed", "once", 4)
     time.sleep(1.05)  # lock expired, entry idle for CLAIM_IDLE_MS: a live replica claims it
     consumer = make_consumer()
     turn_until(consumer, lambda: drained(r))
