@@ -140,6 +140,18 @@ def test_produce_invalid_amount_exits_2_and_adds_nothing(
     assert r.exists(STREAM) == 0
 
 
+def test_produce_to_a_key_that_is_not_a_stream_exits_1_with_one_line(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    r.set(STREAM, "not a stream")
+    proc = cli(redis_server.url, "produce", "x")
+    assert proc.returncode == ExitCode.FAILURE
+    assert proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("stream-counter: cannot add the event:")
+    assert "WRONGTYPE" in line
+
+
 def test_produce_when_redis_is_unreachable_exits_5() -> None:
     port = _free_port()
     proc = cli(f"redis://:pw-hidden-1@127.0.0.1:{port}/0", "produce", "x")

@@ -18,7 +18,7 @@ import redis
 from pydantic import ValidationError
 
 from config import ENV_PREFIX, Settings
-from worker import __version__, counters, events, scripts
+from worker import __version__, counters, events
 from worker.backoff import reconnect_delay
 from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
@@ -206,9 +206,12 @@ def produce(
         return ExitCode.CONFIG
     client = connect(settings)
     try:
-        entry_id = scripts.command(client, "XADD", settings.stream, "*", *flat)
+        entry_id = client.xadd(settings.stream, fields)  # type: ignore[arg-type]
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
+    except redis.RedisError as exc:  # e.g. the stream key holds another type, OOM
+        print(f"stream-counter: cannot add the event: {scrub(str(exc))}", file=sys.stderr)
+        return ExitCode.FAILURE
     finally:
         client.close()
     print(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
