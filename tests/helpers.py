@@ -15,6 +15,7 @@ import redis
 from worker import counters, scripts
 from worker.consumer import Consumer
 from worker.events import parse
+from worker.lock import Locks
 
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
@@ -60,6 +61,14 @@ def applied_then_crashed(r: redis.Redis, consumer: str, name: str, amount: int) 
     result = apply_events(r, name, "t-crashed", [parse(entry, fields)], lanes=(consumer,))
     assert result.outcome is counters.Outcome.APPLIED
     return entry
+
+
+def take_locks(r: redis.Redis, locks: Locks, keys: list[str]) -> dict[str, str]:
+    """One lock attempt over ``keys``, as a replica makes it (lock_acquire.lua, one fresh
+    token): key -> token of the locks taken."""
+    token = locks.tokens.next()
+    (taken,) = scripts.run(r, [locks.acquire_call(keys, token)])
+    return {key: token for key, ok in zip(keys, taken, strict=True) if ok == 1}
 
 
 def counters_group(r: redis.Redis) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import apply_events, bookkeeping_keys
+from helpers import apply_events, bookkeeping_keys, take_locks
 
 from worker import counters, deadletter, scripts
 from worker.counters import (
@@ -40,7 +40,7 @@ def ev(n: int, delta: int = 1, event_id: str | None = None) -> Event:
 
 
 def take_lock(r: redis.Redis) -> str:
-    return Locks(r, 10_000).try_acquire([LOCK])[LOCK]
+    return take_locks(r, Locks(10_000), [LOCK])[LOCK]
 
 
 def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS) -> ApplyResult:
@@ -89,7 +89,7 @@ def test_apply_without_holding_the_lock_is_refused_and_writes_nothing(
 
 
 def test_apply_with_a_token_whose_lock_expired_and_was_retaken_is_refused(r: redis.Redis) -> None:
-    stale = Locks(r, 50).try_acquire([LOCK])[LOCK]
+    stale = take_locks(r, Locks(50), [LOCK])[LOCK]
     time.sleep(0.12)
     fresh = take_lock(r)
     assert apply(r, stale, [ev(1, 3)]).outcome is Outcome.LOCK_LOST

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+from helpers import take_locks
 
 from worker import scripts
 from worker.backoff import Backoff, full_jitter, reconnect_delay
@@ -35,16 +36,16 @@ def counting_client(r: redis.Redis) -> redis.Redis:
     return client
 
 
-def test_try_acquire_takes_free_keys_in_one_round_trip_and_skips_held_ones(r: redis.Redis) -> None:
+def test_one_attempt_takes_free_keys_in_one_round_trip_and_skips_held_ones(r: redis.Redis) -> None:
     client = counting_client(r)
-    locks = Locks(client, TTL_MS)
+    locks = Locks(TTL_MS)
     r.set("held-1", "someone")
     r.set("held-2", "someone-else")
     keys = [f"free-{i}" for i in range(50)] + ["held-1", "held-2"]
-    locks.try_acquire(["warm-up"])  # the first call also loads the script
+    take_locks(client, locks, ["warm-up"])  # the first call also loads the script
     CountingConnection.sends = 0
     r.config_resetstat()
-    got = locks.try_acquire(keys)
+    got = take_locks(client, locks, keys)
     assert CountingConnection.sends == 1
     assert r.info("commandstats")["cmdstat_set"]["calls"] == 52
     assert set(got) == {f"free-{i}" for i in range(50)}
@@ -55,10 +56,10 @@ def test_try_acquire_takes_free_keys_in_one_round_trip_and_skips_held_ones(r: re
     assert r.get("held-2") == b"someone-else"
 
 
-def test_try_acquire_of_a_held_lock_does_not_overwrite_it_or_its_ttl(r: redis.Redis) -> None:
-    first, second = Locks(r, TTL_MS), Locks(r, 60_000)
-    token = first.try_acquire(["k"])["k"]
-    assert second.try_acquire(["k"]) == {}
+def test_attempt_on_a_held_lock_does_not_overwrite_it_or_its_ttl(r: redis.Redis) -> None:
+    first, second = Locks(TTL_MS), Locks(60_000)
+    token = take_locks(r, first, ["k"])["k"]
+    assert take_locks(r, second, ["k"]) == {}
     assert r.get("k") == token.encode()
     assert r.pttl("k") <= TTL_MS
 
@@ -66,9 +67,9 @@ def test_try_acquire_of_a_held_lock_does_not_overwrite_it_or_its_ttl(r: redis.Re
 def test_every_acquisition_gets_a_token_never_used_before(r: redis.Redis) -> None:
     seen: list[str] = []
     for _ in range(3):
-        locks = Locks(r, TTL_MS)
+        locks = Locks(TTL_MS)
         for round_ in range(20):
-            got = locks.try_acquire([f"k{round_}-{i}" for i in range(10)])
+            got = take_locks(r, locks, [f"k{round_}-{i}" for i in range(10)])
             assert len(got) == 10
             assert len(set(got.values())) == 1  # one token per attempt, for all its keys
             seen += set(got.values())
@@ -80,79 +81,6 @@ def test_every_acquisition_gets_a_token_never_used_before(r: redis.Redis) -> Non
 def test_token_generator_never_repeats() -> None:
     tokens = Tokens()
     assert len({tokens.next() for _ in range(10_000)}) == 10_000
-
-
-def test_release_by_the_owner_deletes_the_lock(r: redis.Redis) -> None:
-    locks = Locks(r, TTL_MS)
-    token = locks.try_acquire(["k"])["k"]
-    assert locks.release("k", token) is True
-    assert r.exists("k") == 0
-    assert locks.release("k", token) is False
-
-
-def test_release_with_a_wrong_token_is_refused_and_leaves_the_holder_intact(
-    r: redis.Redis,
-) -> None:
-    locks = Locks(r, TTL_MS)
-    token = locks.try_acquire(["k"])["k"]
-    assert locks.release("k", "not-the-token") is False
-    assert locks.release("k", token + "0") is False
-    assert r.get("k") == token.encode()
-    assert r.pttl("k") > 0
-
-
-def test_release_with_a_stale_token_after_reacquire_is_refused(r: redis.Redis) -> None:
-    a, b = Locks(r, 50), Locks(r, TTL_MS)
-    stale = a.try_acquire(["k"])["k"]
-    time.sleep(0.12)  # a's lock expired
-    fresh = b.try_acquire(["k"])["k"]
-    assert fresh != stale
-    assert a.release("k", stale) is False
-    assert r.get("k") == fresh.encode()
-
-
-def test_extend_by_the_owner_resets_the_ttl(r: redis.Redis) -> None:
-    locks = Locks(r, 1_000)
-    token = locks.try_acquire(["k"])["k"]
-    assert r.pttl("k") <= 1_000
-    assert locks.extend("k", token, 60_000) is True
-    assert 50_000 < r.pttl("k") <= 60_000
-    assert locks.extend("k", token) is True  # default: the Locks' own TTL
-    assert 0 < r.pttl("k") <= 1_000
-    assert r.get("k") == token.encode()
-
-
-def test_extend_with_a_wrong_token_is_refused_and_keeps_the_ttl(r: redis.Redis) -> None:
-    locks = Locks(r, 1_000)
-    token = locks.try_acquire(["k"])["k"]
-    assert locks.extend("k", "intruder", 60_000) is False
-    assert r.pttl("k") <= 1_000
-    assert r.get("k") == token.encode()
-
-
-def test_extend_after_the_lock_expired_is_refused_and_does_not_recreate_it(
-    r: redis.Redis,
-) -> None:
-    locks = Locks(r, 50)
-    token = locks.try_acquire(["k"])["k"]
-    time.sleep(0.15)
-    assert r.exists("k") == 0
-    assert locks.extend("k", token, 60_000) is False
-    assert r.exists("k") == 0
-
-
-def test_extend_many_reports_only_the_locks_still_held(r: redis.Redis) -> None:
-    locks = Locks(r, 5_000)
-    held = locks.try_acquire(["a", "b", "c", "d"])
-    assert set(held) == {"a", "b", "c", "d"}
-    r.delete("b")  # expired
-    r.set("c", "other-holder")  # expired and retaken by someone else
-    still = locks.extend_many(held)
-    assert still == {"a", "d"}
-    assert r.get("c") == b"other-holder"
-    assert r.pttl("c") == -1  # the other holder's lock was not touched
-    assert r.exists("b") == 0
-    assert locks.extend_many({}) == set()
 
 
 # -- backoff ----------------------------------------------------------------------------
@@ -218,7 +146,7 @@ def test_reconnect_delay_starts_small_and_grows() -> None:
 
 def take_turn(r: redis.Redis, me: str, token: str) -> int:
     """One attempt at lock "k" with waiter key "k:next", as replica ``me``."""
-    call = Locks(r, TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me)
+    call = Locks(TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me)
     ((taken,),) = scripts.run(r, [call])
     return int(taken)
 
@@ -226,13 +154,12 @@ def take_turn(r: redis.Redis, me: str, token: str) -> int:
 def test_replica_coming_back_to_a_busy_lock_leaves_it_to_the_one_waiting(
     r: redis.Redis,
 ) -> None:
-    locks = Locks(r, TTL_MS)
     attempt = functools.partial(take_turn, r)
     assert attempt("A", "a-1") == 1
     assert attempt("B", "b-1") == 0  # busy: B is now the waiter
     assert r.get("k:next") == b"B"
     assert 0 < r.pttl("k:next") <= 500
-    assert locks.release("k", "a-1")
+    assert r.delete("k")  # A releases it
     assert attempt("A", "a-2") == 0  # free, but B has been waiting: A lets it have it
     assert r.exists("k") == 0
     assert attempt("B", "b-2") == 1  # B's turn; its claim is cleared
@@ -254,7 +181,7 @@ def test_waiting_replica_renews_its_turn_while_the_lock_stays_busy(r: redis.Redi
 def test_locks_are_taken_before_a_later_read_in_the_same_pipeline_after_script_flush(
     r: redis.Redis,
 ) -> None:
-    locks = Locks(r, TTL_MS)
+    locks = Locks(TTL_MS)
     r.script_flush()  # as after a Redis restart
     taken, seen = scripts.run(r, [locks.acquire_call(["k"], "t-1"), Call.command("GET", "k")])
     assert taken == [1]

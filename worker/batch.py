@@ -66,7 +66,7 @@ class BatchApplier:
         self.log = log
         self.stats = stats
         self.stopping = stopping
-        self.locks = Locks(client, settings.lock_ttl_ms)
+        self.locks = Locks(settings.lock_ttl_ms)
         self.stream_key = settings.stream.encode()
         self._recent: set[str] = set()
         """Lanes of the last attempt: they take turns with waiting replicas."""

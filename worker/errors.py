@@ -1,7 +1,6 @@
 """The one exception hierarchy of stream-counter, and the process exit codes.
 
     StreamCounterError            base of everything we raise on purpose
-    ├── ConfigError               invalid settings; the CLI exits with ExitCode.CONFIG
     ├── InvalidEvent              an entry that breaks the event contract; it is dead-lettered
     ├── RedisUnsupported          the server cannot run us (Redis < 7.0, the stream key holds
     │   │                         another type, authentication refused); ExitCode.REDIS
@@ -39,10 +38,6 @@ class ExitCode(IntEnum):
 
 class StreamCounterError(Exception):
     """Base class of every error stream-counter raises on purpose."""
-
-
-class ConfigError(StreamCounterError):
-    """The configuration is invalid; the message names the variable."""
 
 
 class InvalidEvent(StreamCounterError):
