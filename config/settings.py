@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -56,6 +56,18 @@ def redact_url(url: str) -> str:
 
 PositiveMs = Annotated[int, Field(ge=1)]
 
+
+class Described(NamedTuple):
+    """One setting as the CLI's help and the README's table show it."""
+
+    field: str
+    env: str
+    flag: str
+    metavar: str
+    shown_default: str
+    meaning: str
+
+
 MIN_CLAIM_IDLE_MS = 1_000
 """Below this, an ordinary stall (a slow fsync, a pause of the process) makes entries still
 in hand look idle: other replicas claim them, every claim counts a delivery, and valid
@@ -79,21 +91,81 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    stream: str = Field("events", min_length=1)
-    group: str = Field("stream-counter", min_length=1)
-    consumer: str = Field(default_factory=default_consumer_name, min_length=1)
-    dead_letter_stream: str | None = None
-    batch_size: int = Field(1000, ge=1, le=1000)
-    block_ms: int = Field(1000, ge=1, le=60_000)
-    claim_idle_ms: int = Field(30_000, ge=MIN_CLAIM_IDLE_MS)
-    max_deliveries: int = 5
-    lock_ttl_ms: int = Field(10_000, ge=MIN_LOCK_TTL_MS)
-    lock_wait_ms: int = Field(2_000, ge=0)
-    dedupe_window_ms: int = Field(86_400_000, ge=1_000)
-    shutdown_grace_ms: int = Field(10_000, ge=0)
-    log_level: LogLevel = LogLevel.INFO
-    log_format: LogFormat | None = None
+    # Each field's description is its one source: the CLI's --help and the README's
+    # configuration table come from it (``describe``; tests/test_settings.py compares).
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="`redis://` or `rediss://`; the password is redacted in every log line",
+        json_schema_extra={"metavar": "URL", "shown": "`redis://127.0.0.1:6379/0`"},
+    )
+    stream: str = Field("events", min_length=1, description="the stream to consume")
+    group: str = Field(
+        "stream-counter",
+        min_length=1,
+        description="consumer group, created from the start of the stream (`MKSTREAM`) if missing",
+    )
+    consumer: str = Field(
+        default_factory=default_consumer_name,
+        min_length=1,
+        description="this replica's name, unique per process",
+        json_schema_extra={"shown": "`<host>-<pid>`"},
+    )
+    dead_letter_stream: str | None = Field(
+        None,
+        description="where rejected entries go (in a cluster, give it the stream's hash tag)",
+        json_schema_extra={"shown": "`<stream>:dead`"},
+    )
+    batch_size: int = Field(
+        1000,
+        ge=1,
+        le=1000,
+        description="entries per read, 1..1000 (the benchmark runs with 1000)",
+    )
+    block_ms: int = Field(
+        1000,
+        ge=1,
+        le=60_000,
+        description="how long a read waits for new entries, 1..60000 (also bounds how fast a "
+        "stop is seen)",
+    )
+    claim_idle_ms: int = Field(
+        30_000,
+        ge=MIN_CLAIM_IDLE_MS,
+        description="idle time after which a pending entry is claimed by another replica; at "
+        "least 1000, and greater than `LOCK_TTL_MS`",
+    )
+    max_deliveries: int = Field(
+        5, description="deliveries after which an entry is dead-lettered; at least 2"
+    )
+    lock_ttl_ms: int = Field(
+        10_000, ge=MIN_LOCK_TTL_MS, description="lifetime of a counter lock; at least 100"
+    )
+    lock_wait_ms: int = Field(
+        2_000,
+        ge=0,
+        description="longest wait for busy locks per batch; at most `CLAIM_IDLE_MS` / 4",
+    )
+    dedupe_window_ms: int = Field(
+        86_400_000,
+        ge=1_000,
+        description="how long a producer's `event_id` dedupes its retries; at least 1000",
+    )
+    shutdown_grace_ms: int = Field(
+        10_000,
+        ge=0,
+        description="after the first signal, exit forcibly after this long; at least "
+        "`BLOCK_MS` + `LOCK_WAIT_MS` + 1000",
+    )
+    log_level: LogLevel = Field(
+        LogLevel.INFO,
+        description="`DEBUG` logs one line per batch",
+        json_schema_extra={"metavar": "LEVEL"},
+    )
+    log_format: LogFormat | None = Field(
+        None,
+        description="`json` or `console`",
+        json_schema_extra={"metavar": "FORMAT", "shown": "json unless stdout is a terminal"},
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -171,6 +243,32 @@ class Settings(BaseSettings):
             )
         return problems
 
+    @classmethod
+    def describe(cls) -> list[Described]:
+        """Every setting as documented: field, environment variable, flag, metavar, default
+        as shown, meaning."""
+        rows = []
+        for name, info in cls.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            metavar = extra.get("metavar") or ("MS" if name.endswith("_ms") else "N")
+            if info.annotation in (str, str | None) and "metavar" not in extra:
+                metavar = "NAME"
+            shown = extra.get("shown")
+            if shown is None:
+                default = info.default
+                shown = f"`{default}`" if isinstance(default, str) else str(default)
+            rows.append(
+                Described(
+                    name,
+                    ENV_PREFIX + name.upper(),
+                    "--" + name.replace("_", "-"),
+                    str(metavar),
+                    str(shown),
+                    info.description or "",
+                )
+            )
+        return rows
+
     @property
     def dead_letter(self) -> str:
         return self.dead_letter_stream or f"{self.stream}:dead"
@@ -178,3 +276,12 @@ class Settings(BaseSettings):
     @property
     def redacted_url(self) -> str:
         return redact_url(self.redis_url.get_secret_value())
+
+
+def settings_table() -> str:
+    """The README's configuration table, from the fields' descriptions."""
+    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for d in Settings.describe():
+        env = d.env.removeprefix(ENV_PREFIX)
+        rows.append(f"| `{env}` | `{d.flag}` | {d.shown_default} | {d.meaning} |")
+    return "\n".join(rows)

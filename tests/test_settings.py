@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis
 
-from config import ENV_PREFIX, LogFormat, LogLevel, Settings, redact_url
+from config import ENV_PREFIX, LogFormat, LogLevel, Settings, redact_url, settings_table
 from worker.cli import build_parser, load_settings
 from worker.errors import ExitCode
 from worker.logs import scrub
@@ -202,6 +202,29 @@ def test_log_level_is_case_insensitive(
 ) -> None:
     monkeypatch.setenv("STREAM_COUNTER_LOG_LEVEL", raw)
     assert Settings().log_level is LogLevel(level)
+
+
+# -- one source: the fields' descriptions make the CLI's help and the README's table -------
+
+
+def test_readme_configuration_table_is_the_one_the_settings_describe() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert settings_table() in readme, (
+        "README.md's configuration table differs from config.Settings: paste "
+        "config.settings_table() into it"
+    )
+
+
+def test_run_help_shows_every_setting_with_its_flag_variable_and_meaning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for d in Settings.describe():
+        assert d.flag in shown
+        assert f"[{d.env}]" in shown
+        assert " ".join(d.meaning.replace("`", "").split()) in shown
 
 
 # -- invalid configuration: exit 2, one line naming the variable, Redis untouched ----------

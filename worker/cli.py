@@ -26,37 +26,23 @@ from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
 from worker.logs import configure, scrub
 from worker.shutdown import Shutdown
 
-# Flags shared by every command, and those only ``run`` takes: (field, metavar, help).
-_COMMON = [
-    ("redis_url", "URL", "redis:// or rediss:// URL (password is never logged)"),
-    ("stream", "NAME", "stream to consume / produce to"),
-]
-_RUN = [
-    ("group", "NAME", "consumer group (created from the start of the stream if missing)"),
-    ("consumer", "NAME", "consumer name, unique per replica (default: host-pid)"),
-    ("dead_letter_stream", "NAME", "where rejected entries go (default: <stream>:dead)"),
-    ("batch_size", "N", "entries per read (1..1000)"),
-    ("block_ms", "MS", "how long one read blocks waiting for entries"),
-    ("claim_idle_ms", "MS", "idle time after which another replica claims a pending entry"),
-    ("max_deliveries", "N", "deliveries after which an entry is dead-lettered"),
-    ("lock_ttl_ms", "MS", "lifetime of a counter lock"),
-    ("lock_wait_ms", "MS", "longest wait for busy counter locks per batch"),
-    ("dedupe_window_ms", "MS", "how long a producer's event_id dedupes its retries"),
-    ("shutdown_grace_ms", "MS", "after SIGTERM/SIGINT, exit forcibly after this long"),
-    ("log_level", "LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    ("log_format", "FORMAT", "json or console (default: json unless stdout is a terminal)"),
-]
+# Flags shared by every command; ``run`` takes every setting (config.Settings.describe).
+_COMMON = ("redis_url", "stream")
+_SETTINGS = Settings.describe()
 
 
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _add(parser: argparse.ArgumentParser, options: list[tuple[str, str, str]]) -> None:
-    for field, metavar, text in options:
-        parser.add_argument(
-            _flag(field), dest=field, metavar=metavar, help=f"{text} [{ENV_PREFIX}{field.upper()}]"
-        )
+def _add(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
+    """A flag for each setting of ``fields`` (all if None), its help from the field."""
+    for d in _SETTINGS:
+        if fields is None or d.field in fields:
+            text = f"{d.meaning} (default: {d.shown_default})".replace("`", "")
+            parser.add_argument(
+                d.flag, dest=d.field, metavar=d.metavar, help=f"{text} [{d.env}]".replace("%", "%%")
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run one worker replica")
-    _add(run, _COMMON + _RUN)
+    _add(run)
 
     get = sub.add_parser("get", help="print counter values (a missing counter is 0)")
     _add(get, _COMMON)
@@ -88,7 +74,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the flags given; exits 2 if invalid."""
     overrides: dict[str, Any] = {
         field: value
-        for field, _, _ in _COMMON + _RUN
+        for field in Settings.model_fields
         if (value := getattr(args, field, None)) is not None
     }
     try:
