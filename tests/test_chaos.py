@@ -118,6 +118,46 @@ def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
     stop_cleanly(frozen, other)
 
 
+def test_replica_killed_right_after_a_finish_that_lost_its_lane_leaves_no_marker_behind(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    # Frozen past its lock's lifetime just before its ack + release: the finish finds its
+    # lane gone and cuts the markers short, and the replica is killed right after. The
+    # markers must go by Redis' clock, not wait for the dead process (or 30 days).
+    r = redis_server.client()
+    expected = push_random(r, 3000, names=10)
+    fault = {"FAULT_STEP": "ack_release", "FAULT_NTH": "3", "FAULT_ACTION": "stop"}
+    frozen = spawn_worker(redis_server.url, fault=fault, **FAST)
+    frozen.wait_for_log("fault injected")
+    time.sleep(0.5)  # LOCK_TTL_MS is 300: every lane it holds has expired
+    frozen.signal(signal.SIGCONT)
+    frozen.wait_for_log("lock lane lost before the finish")
+    frozen.kill()
+    survivor = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, 60)
+    assert_exact(r, expected)  # no marker left, well before the 30 days
+    stop_cleanly(survivor)
+
+
+def test_two_processes_under_one_consumer_name_count_every_event_once(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    # A pod restarted under a fixed name while the old one was cut off (frozen here), then
+    # the old one resumes: both read and apply as "twin" for a while.
+    r = redis_server.client()
+    expected = push_random(r, 8000, names=20)
+    old = spawn_worker(redis_server.url, consumer="twin", **FAST)
+    old.wait_for_log('"batch"')
+    old.signal(signal.SIGSTOP)
+    new = spawn_worker(redis_server.url, consumer="twin", **FAST)
+    new.wait_for_log('"batch"')
+    time.sleep(0.5)  # past the old one's lock TTL
+    old.signal(signal.SIGCONT)
+    wait_drained(r, 90)
+    assert_exact(r, expected)
+    stop_cleanly(old, new)
+
+
 def test_exactly_once_across_a_redis_restart_with_aof(aof_redis: Any, spawn_worker: Any) -> None:
     r = aof_redis.client()
     expected = push_random(r, 6000, names=30)
