@@ -10,7 +10,6 @@ Where a Redis comes from, in this order:
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import signal
@@ -25,12 +24,13 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import MakeConsumer
+import structlog
+import structlog.testing
+from helpers import Logs, MakeConsumer
 
 from config import Settings
 from worker.connection import connect, ensure_group
 from worker.consumer import Consumer
-from worker.logs import configure
 
 HOW_TO_GET_REDIS = (
     "no Redis for the tests: install redis-server (e.g. `apt-get install redis-server`), "
@@ -253,7 +253,18 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def make_consumer(redis_server: Any) -> MakeConsumer:
+def logs() -> Iterator[Logs]:
+    """Every log line of the consumers the test makes, as structlog event dicts."""
+    structlog.reset_defaults()  # no level filter or output another test configured
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+@pytest.fixture
+def make_consumer(redis_server: Any, logs: Logs) -> MakeConsumer:
+    """A Consumer driven in the test's process, one turn at a time; its log lines go to
+    ``logs``."""
+
     def make(**overrides: Any) -> Consumer:
         options: dict[str, Any] = {
             "redis_url": redis_server.url,
@@ -262,14 +273,11 @@ def make_consumer(redis_server: Any) -> MakeConsumer:
             "claim_idle_ms": 1000,
             "lock_ttl_ms": 100,
             "lock_wait_ms": 50,
-            "log_format": "json",
-            "log_level": "DEBUG",
         }
         options.update(overrides)
         settings = Settings(**options)
-        out = io.StringIO()
-        consumer = Consumer(connect(settings), settings, configure(settings, out))
-        consumer.log_output = out  # type: ignore[attr-defined]
+        log = structlog.get_logger("stream-counter").bind(consumer=settings.consumer)
+        consumer = Consumer(connect(settings), settings, log)
         ensure_group(consumer.client, settings.stream, settings.group)
         return consumer
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -180,14 +179,13 @@ def pending_ids(r: redis.Redis) -> list[bytes]:
     return [p["message_id"] for p in r.xpending_range(STREAM, GROUP, "-", "+", 1000)]
 
 
-def log_of(consumer: Consumer) -> str:
-    return consumer.log_output.getvalue()  # type: ignore[attr-defined, no-any-return]
+Logs = list[dict[str, Any]]
+"""The ``logs`` fixture: captured log lines, as structlog event dicts."""
 
 
-def log_lines(consumer: Consumer, event: str) -> list[dict[str, Any]]:
-    """The consumer's log lines whose event starts with ``event``."""
-    lines = [json.loads(line) for line in log_of(consumer).splitlines() if line.strip()]
-    return [line for line in lines if str(line.get("event", "")).startswith(event)]
+def log_lines(logs: Logs, event: str) -> list[dict[str, Any]]:
+    """The captured log lines (the ``logs`` fixture) whose event starts with ``event``."""
+    return [line for line in logs if str(line.get("event", "")).startswith(event)]
 
 
 class IdleWatch:

@@ -10,6 +10,7 @@ from helpers import (
     GROUP,
     STREAM,
     IdleWatch,
+    Logs,
     MakeConsumer,
     applied_then_crashed,
     apply_events,
@@ -18,7 +19,6 @@ from helpers import (
     delivered_to,
     drained,
     log_lines,
-    log_of,
     pending_ids,
     push,
     push_random,
@@ -103,7 +103,7 @@ def test_failed_write_stays_pending_then_is_dead_lettered_with_the_redis_error(
 
 
 def test_overflowing_batch_applies_what_fits_and_holds_back_the_rest(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     r.set(counters.value_key("big"), 2**63 - 10)
     push(r, "big", 5)
@@ -113,7 +113,8 @@ def test_overflowing_batch_applies_what_fits_and_holds_back_the_rest(
     assert values(r, {"big"}) == {"big": 2**63 - 5}
     assert pending_ids(r) == [too_much]  # left for a retry (dead-lettered at MAX_DELIVERIES)
     assert dead_letters(r) == []
-    assert "would overflow" in log_of(consumer)
+    (failed,) = log_lines(logs, "counter write failed")
+    assert "would overflow" in failed["error"]
 
 
 def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
@@ -132,7 +133,7 @@ def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
 
 
 def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_group(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     push(r, "d", 1)
     gone = push(r, "d", 10)
@@ -142,13 +143,13 @@ def test_entries_deleted_while_pending_for_a_dead_consumer_do_not_block_the_grou
     consumer = make_consumer()
     turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
     assert values(r, {"d"}) == {"d": 101}
-    (lost,) = log_lines(consumer, "entry deleted from the stream before it was counted")
+    (lost,) = log_lines(logs, "entry deleted from the stream before it was counted")
     assert lost["entry_id"] == gone.decode()
     assert dead_letters(r) == []
 
 
 def test_applied_entry_deleted_before_its_ack_is_reported_counted_and_its_marker_goes(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     # A replica applied the entry and died before its XACK; then the entry was trimmed away.
     entry = applied_then_crashed(r, "crashed", "t", 4)
@@ -157,15 +158,15 @@ def test_applied_entry_deleted_before_its_ack_is_reported_counted_and_its_marker
     consumer = make_consumer()
     turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
     assert values(r, {"t"}) == {"t": 4}
-    (counted,) = log_lines(consumer, "entry deleted from the stream had been counted")
+    (counted,) = log_lines(logs, "entry deleted from the stream had been counted")
     assert (counted["entry_id"], counted["counter"]) == (entry.decode(), "t")
-    assert not log_lines(consumer, "entry deleted from the stream before it was counted")
+    assert not log_lines(logs, "entry deleted from the stream before it was counted")
     assert 0 < r.pttl(counters.applied_key("t")) <= 110  # one lock TTL, not 30 days
     wait_until(lambda: bookkeeping_keys(r) == [], 2, "the marker to expire")
 
 
 def test_entry_in_hand_deleted_from_the_stream_is_reported_when_kept_ours(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     # In hand behind a busy lock, then trimmed away: the keep-ours claim takes it off the
     # pending list (Redis >= 7.0), and it is reported, not silently dropped.
@@ -177,9 +178,9 @@ def test_entry_in_hand_deleted_from_the_stream_is_reported_when_kept_ours(
     r.xdel(STREAM, entry)
     turn_until(
         consumer,
-        lambda: bool(log_lines(consumer, "entry deleted from the stream before it was counted")),
+        lambda: bool(log_lines(logs, "entry deleted from the stream before it was counted")),
     )
-    (lost,) = log_lines(consumer, "entry deleted from the stream before it was counted")
+    (lost,) = log_lines(logs, "entry deleted from the stream before it was counted")
     assert lost["entry_id"] == entry.decode()
     assert pending_ids(r) == []
     assert values(r, {"hot"}) == {"hot": 0}
@@ -187,7 +188,7 @@ def test_entry_in_hand_deleted_from_the_stream_is_reported_when_kept_ours(
 
 @pytest.mark.parametrize("applied", [True, False], ids=["counted", "not-counted"])
 def test_deleted_entry_in_our_own_backlog_is_acknowledged_and_reported_not_dead_lettered(
-    r: redis.Redis, make_consumer: MakeConsumer, applied: bool
+    r: redis.Redis, make_consumer: MakeConsumer, applied: bool, logs: Logs
 ) -> None:
     # Our predecessor (same name) was killed holding the entry, applied or not; the entry
     # was deleted from the stream before we started.
@@ -199,9 +200,9 @@ def test_deleted_entry_in_our_own_backlog_is_acknowledged_and_reported_not_dead_
     assert values(r, {"own"}) == {"own": 6 if applied else 0}
     assert dead_letters(r) == []  # nothing left to dead-letter: its fields are gone
     if applied:
-        assert log_lines(consumer, "entry deleted from the stream had been counted")
+        assert log_lines(logs, "entry deleted from the stream had been counted")
     else:
-        assert log_lines(consumer, "entry deleted from the stream before it was counted")
+        assert log_lines(logs, "entry deleted from the stream before it was counted")
 
 
 def test_busy_counter_is_retried_later_without_holding_the_other_locks(
@@ -296,7 +297,7 @@ def test_own_pending_entries_after_a_restart_are_counted_at_once_without_a_claim
 
 
 def test_own_pending_entry_claimed_by_a_predecessor_waits_one_lock_ttl_after_a_restart(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     # Our predecessor claimed it from w0, which may still hold its lane: it waits until
     # every lock taken before the restart has expired, not CLAIM_IDLE_MS.
@@ -311,7 +312,7 @@ def test_own_pending_entry_claimed_by_a_predecessor_waits_one_lock_ttl_after_a_r
     turn_until(consumer, lambda: drained(r))
     assert time.monotonic() - started >= 0.3
     assert values(r, {"mine"}) == {"mine": 2}
-    assert "entries held until every lock taken before them has expired" in log_of(consumer)
+    assert log_lines(logs, "entries held until every lock taken before them has expired")
 
 
 def test_entry_delivered_more_than_max_deliveries_is_dead_lettered(

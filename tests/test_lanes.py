@@ -13,12 +13,13 @@ from helpers import (
     GROUP,
     STREAM,
     IdleWatch,
+    Logs,
     MakeConsumer,
     apply_events,
     bookkeeping_keys,
     delivered_to,
     drained,
-    log_of,
+    log_lines,
     push,
     turn_until,
     values,
@@ -197,7 +198,7 @@ def test_waiter_key_of_a_counter_whose_name_contains_lock_names_that_counter(
 
 
 def test_markers_of_a_finish_that_lost_its_lane_expire_one_lock_ttl_later_even_if_it_dies(
-    r: redis.Redis, make_consumer: MakeConsumer
+    r: redis.Redis, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     push(r, "c", 2)
     push(r, "c", 3)
@@ -215,7 +216,7 @@ def test_markers_of_a_finish_that_lost_its_lane_expire_one_lock_ttl_later_even_i
     assert lost == [1]
     assert values(r, {"c"}) == {"c": 5}
     assert r.zcard(counters.applied_key("c")) == 2  # kept: a writer may still hold a lane
-    assert "lock lane lost before the finish" in log_of(consumer)
+    assert log_lines(logs, "lock lane lost before the finish")
     del consumer  # the replica dies: Redis' clock ends the markers, not its memory
     assert 0 < r.pttl(counters.applied_key("c")) <= 210
     time.sleep(0.25)

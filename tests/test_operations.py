@@ -12,6 +12,7 @@ import redis
 from helpers import (
     GROUP,
     STREAM,
+    Logs,
     MakeConsumer,
     apply_events,
     delivered_to,
@@ -162,7 +163,7 @@ def test_worker_stops_applying_while_redis_may_evict_keys_and_resumes_when_it_ca
 
 
 def test_search_for_deleted_entries_refused_by_an_acl_gives_up_and_counting_goes_on(
-    r: redis.Redis, own_redis: Any, make_consumer: MakeConsumer
+    r: redis.Redis, own_redis: Any, make_consumer: MakeConsumer, logs: Logs
 ) -> None:
     # A user that may not SCAN: the search for a deleted entry's marker fails for good.
     r.acl_setuser("noscan", enabled=True, nopass=True, keys=["*"], commands=["+@all", "-scan"])
@@ -174,6 +175,6 @@ def test_search_for_deleted_entries_refused_by_an_acl_gives_up_and_counting_goes
     consumer = make_consumer(redis_url=url)
     turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
     assert values(r, {"d"}) == {"d": 2}
-    (gave_up,) = log_lines(consumer, "could not look for the markers of deleted entries")
+    (gave_up,) = log_lines(logs, "could not look for the markers of deleted entries")
     assert gave_up["ids"] == [gone.decode()]
     assert "NOPERM" in gave_up["error"] or "permission" in gave_up["error"]
