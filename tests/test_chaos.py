@@ -58,6 +58,24 @@ def stop_cleanly(*workers: Any) -> None:
         assert worker.wait(10) == 0
 
 
+def faulty(
+    spawn_worker: Any,
+    url: str,
+    step: str,
+    *,
+    when: str = "before",
+    action: str = "kill",
+    nth: int = 3,
+    **settings: Any,
+) -> Any:
+    """A worker with a fault at its ``nth`` round trip carrying ``step`` (faulty_worker.py),
+    once the fault has happened."""
+    fault = {"FAULT_STEP": step, "FAULT_WHEN": when, "FAULT_NTH": str(nth), "FAULT_ACTION": action}
+    worker = spawn_worker(url, fault=fault, **{**FAST, **settings})
+    worker.wait_for_log("fault injected")
+    return worker
+
+
 def assert_exact(
     r: redis.Redis, expected: Counter[str], invalid: frozenset[bytes] | set[bytes] = frozenset()
 ) -> None:
@@ -84,10 +102,7 @@ def test_exactly_once_when_a_replica_is_killed_at_a_protocol_step(
 ) -> None:
     r = redis_server.client()
     expected, invalid = push_with_invalid(r, 3000)
-    victim = spawn_worker(
-        redis_server.url, fault={"FAULT_STEP": step, "FAULT_WHEN": when, "FAULT_NTH": "3"}, **FAST
-    )
-    victim.wait_for_log("fault injected")
+    victim = faulty(spawn_worker, redis_server.url, step, when=when)
     assert victim.wait(10) == -signal.SIGKILL
     survivor = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)
@@ -101,12 +116,7 @@ def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
 ) -> None:
     r = redis_server.client()
     expected = push_random(r, 2000, names=10)
-    frozen = spawn_worker(
-        redis_server.url,
-        fault={"FAULT_STEP": "apply", "FAULT_WHEN": when, "FAULT_NTH": "2", "FAULT_ACTION": "stop"},
-        **FAST,
-    )
-    frozen.wait_for_log("fault injected")
+    frozen = faulty(spawn_worker, redis_server.url, "apply", when=when, action="stop", nth=2)
     time.sleep(0.2)
     other = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)  # the live replica claimed the frozen one's entries
@@ -126,9 +136,7 @@ def test_replica_killed_right_after_a_finish_that_lost_its_lane_leaves_no_marker
     # markers must go by Redis' clock, not wait for the dead process (or 30 days).
     r = redis_server.client()
     expected = push_random(r, 3000, names=10)
-    fault = {"FAULT_STEP": "ack_release", "FAULT_NTH": "3", "FAULT_ACTION": "stop"}
-    frozen = spawn_worker(redis_server.url, fault=fault, **FAST)
-    frozen.wait_for_log("fault injected")
+    frozen = faulty(spawn_worker, redis_server.url, "ack_release", action="stop")
     time.sleep(0.5)  # LOCK_TTL_MS is 300: every lane it holds has expired
     frozen.signal(signal.SIGCONT)
     frozen.wait_for_log("lock lane lost before the finish")
@@ -189,9 +197,7 @@ def test_connection_lost_between_the_xack_and_the_marker_removal_leaves_no_marke
     # round): the entries are acknowledged and their markers must not stay 30 days.
     r = redis_server.client()
     expected = push_random(r, 3000, names=10)
-    fault = {"FAULT_STEP": "ack_release", "FAULT_NTH": "3", "FAULT_ACTION": "cut"}
-    worker = spawn_worker(redis_server.url, fault=fault, **FAST)
-    worker.wait_for_log("fault injected")
+    worker = faulty(spawn_worker, redis_server.url, "ack_release", action="cut")
     wait_drained(r, 60)
     assert_exact(r, expected)  # counted once, and no marker left
     assert "redis unavailable; retrying" in worker.log()
@@ -206,9 +212,7 @@ def test_entries_applied_before_an_outage_longer_than_the_dedupe_window_count_on
     r = aof_redis.client()
     expected = push_random(r, 3000, names=10)
     window = {"dedupe_window_ms": 1000}
-    fault = {"FAULT_STEP": "apply", "FAULT_WHEN": "after", "FAULT_NTH": "3"}
-    victim = spawn_worker(aof_redis.url, fault=fault, **FAST, **window)
-    victim.wait_for_log("fault injected")
+    victim = faulty(spawn_worker, aof_redis.url, "apply", when="after", **window)
     assert victim.wait(10) == -signal.SIGKILL
     aof_redis.kill()
     time.sleep(2.0)
