@@ -161,14 +161,10 @@ class BatchApplier:
         if len(confirmed) == count:  # our pending list is longer: ask by id
             unseen = [h.entry_id for h in batch if h.entry_id not in pending]
             if unseen:
-                chunks = [unseen[i : i + 1000] for i in range(0, len(unseen), 1000)]
-                calls = [stream.claim_own_call(s.stream, s.group, me, c) for c in chunks]
-                for claimed in (yield Round("confirm", calls)):
-                    if isinstance(claimed, Exception):
-                        raise claimed
-                    kept = stream.parse_claim_own(claimed)
-                    pending.update(kept.counts)
-                    outcome.deleted += kept.deleted  # off the pending list: dropped below
+                calls = stream.claim_own_calls(s.stream, s.group, me, unseen)
+                kept = stream.parse_claim_own((yield Round("confirm", calls)))
+                pending.update(kept.counts)
+                outcome.deleted += kept.deleted  # off the pending list: dropped below
         missing: list[bytes] = []
         changed: list[Event] = []
         for h in batch:

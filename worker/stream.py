@@ -140,27 +140,28 @@ def claim_own(
 ) -> Kept:
     """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
     time reset, no delivery counted), and those found deleted (see claim_own.lua)."""
-    chunk = 1000  # Lua unpacks at most ~8,000 values into one command
-    calls = [
-        claim_own_call(stream, group, consumer, ids[i : i + chunk])
-        for i in range(0, len(ids), chunk)
+    calls = claim_own_calls(stream, group, consumer, ids)
+    return parse_claim_own(scripts.run(client, calls) if calls else [])
+
+
+def claim_own_calls(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> list[Call]:
+    """The script calls of ``claim_own``, 1,000 ids each (Lua unpacks at most ~8,000 values
+    into one command)."""
+    return [
+        Call.eval(CLAIM_OWN, [stream], [group, consumer, *ids[i : i + 1000]])
+        for i in range(0, len(ids), 1000)
     ]
+
+
+def parse_claim_own(replies: Sequence[Any]) -> Kept:
+    """The replies of ``claim_own_calls``, together; an error reply is raised."""
     kept = Kept({}, [])
-    for reply in scripts.run(client, calls) if calls else []:
+    for reply in replies:
         if isinstance(reply, Exception):
             raise reply
-        part = parse_claim_own(reply)
-        kept.counts.update(part.counts)
-        kept.deleted.extend(part.deleted)
+        claimed, deleted = reply
+        kept.counts.update(
+            (bytes(claimed[i]), int(claimed[i + 1])) for i in range(0, len(claimed), 2)
+        )
+        kept.deleted.extend(bytes(i) for i in deleted)
     return kept
-
-
-def claim_own_call(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> Call:
-    """The script call of ``claim_own`` (``ids`` must not be empty)."""
-    return Call.eval(CLAIM_OWN, [stream], [group, consumer, *ids])
-
-
-def parse_claim_own(reply: Any) -> Kept:
-    claimed, deleted = reply
-    counts = {bytes(claimed[i]): int(claimed[i + 1]) for i in range(0, len(claimed), 2)}
-    return Kept(counts, [bytes(i) for i in deleted])
