@@ -11,10 +11,11 @@ from typing import Any
 
 import redis
 
-from worker import counters, scripts
+from worker import counters
 from worker.consumer import Consumer
 from worker.events import parse
 from worker.lock import Locks
+from worker.scripts import Call, Pipe, Round
 
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
@@ -58,7 +59,7 @@ def applied_then_crashed(r: redis.Redis, consumer: str, name: str, amount: int) 
     r.set(counters.lane_key(name, consumer), "t-crashed", px=50)
     fields = [b"counter", name.encode(), b"amount", str(amount).encode()]
     result = apply_events(r, name, "t-crashed", [parse(entry, fields)], lanes=(consumer,))
-    assert result.outcome is counters.Outcome.APPLIED
+    assert result.outcome is counters.Written.APPLIED
     return entry
 
 
@@ -66,7 +67,7 @@ def take_locks(r: redis.Redis, locks: Locks, keys: list[str]) -> dict[str, str]:
     """One lock attempt over ``keys``, as a replica makes it (lock_acquire.lua, one fresh
     token): key -> token of the locks taken."""
     token = locks.tokens.next()
-    (taken,) = scripts.run(r, [locks.acquire_call(keys, token)])
+    (taken,) = run_calls(r, [locks.acquire_call(keys, token)])
     return {key: token for key, ok in zip(keys, taken, strict=True) if ok == 1}
 
 
@@ -160,15 +161,15 @@ def apply_events(
     """The apply script for one counter, as a replica that holds ``token`` on the lanes of
     ``lanes`` (consumer names) would call it."""
     keys = [counters.lane_key(name, c) for c in lanes]
-    call = counters.apply_call(stream, token, [counters.Group(name, events)], ttl_ms, {name: keys})
-    (raw,) = scripts.run(r, [call])
+    call = counters.apply_call(stream, token, [counters.Write(name, events)], ttl_ms, {name: keys})
+    (raw,) = run_calls(r, [call])
     (result,) = counters.parse_apply(raw, 1)
     return result
 
 
 def turn_until(consumer: Consumer, condition: Callable[[], bool], turns: int = 200) -> None:
     for _ in range(turns):
-        consumer.step()
+        consumer.turn()
         if condition():
             return
         time.sleep(0.01)
@@ -212,3 +213,9 @@ class IdleWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def run_calls(r: redis.Redis, calls: list[Call]) -> list[Any]:
+    """``calls`` sent as one pipeline (Redis runs them in order): one reply each, errors
+    as values."""
+    return Pipe(r).exchange([Round("", calls)])[0]

@@ -27,7 +27,7 @@ from helpers import (
     wait_until,
 )
 
-from worker import counters
+from worker import batch, counters
 from worker.connection import ensure_group
 from worker.events import parse
 from worker.stream import Delivery
@@ -89,7 +89,7 @@ def test_failed_write_stays_pending_then_is_dead_lettered_with_the_redis_error(
     bad = push(r, "broken", 3)
     push(r, "fine", 1)
     consumer = make_consumer(max_deliveries=3)
-    consumer.step()
+    consumer.turn()
     assert values(r, {"fine"}) == {"fine": 1}  # the rest of the batch is not held back
     assert pending_ids(r) == [bad]  # not acknowledged: the write failed
     assert r.get(counters.value_key("broken")) == b"abc"
@@ -109,7 +109,7 @@ def test_overflowing_batch_applies_what_fits_and_holds_back_the_rest(
     push(r, "big", 5)
     too_much = push(r, "big", 100)
     consumer = make_consumer()
-    consumer.step()
+    consumer.turn()
     assert values(r, {"big"}) == {"big": 2**63 - 5}
     assert pending_ids(r) == [too_much]  # left for a retry (dead-lettered at MAX_DELIVERIES)
     assert dead_letters(r) == []
@@ -124,7 +124,7 @@ def test_entries_pending_for_a_dead_consumer_are_claimed_by_a_live_one(
     ensure_group(r, STREAM, GROUP)
     r.xreadgroup(GROUP, "dead", {STREAM: ">"}, count=1000)  # delivered, then the reader died
     consumer = make_consumer()
-    consumer.step()
+    consumer.turn()
     assert values(r, set(expected)) != dict(expected)  # not idle long enough yet
     time.sleep(1.05)  # CLAIM_IDLE_MS
     turn_until(consumer, lambda: drained(r))
@@ -173,7 +173,7 @@ def test_entry_in_hand_deleted_from_the_stream_is_reported_when_kept_ours(
     r.set(counters.lane_key("hot", "live"), "someone-else", px=10_000)
     entry = push(r, "hot", 3)
     consumer = make_consumer(lock_wait_ms=0)
-    consumer.step()
+    consumer.turn()
     assert pending_ids(r) == [entry]
     r.xdel(STREAM, entry)
     turn_until(
@@ -212,7 +212,7 @@ def test_busy_counter_is_retried_later_without_holding_the_other_locks(
     push(r, "cold", 1)
     hot = push(r, "hot", 7)
     consumer = make_consumer(lock_wait_ms=30)
-    consumer.step()
+    consumer.turn()
     assert values(r, {"cold", "hot"}) == {"cold": 1, "hot": 0}
     assert r.exists(counters.lane_key("cold", "live")) == 0  # released before waiting on "hot"
     assert pending_ids(r) == [hot]  # still ours, still pending: nothing lost
@@ -231,8 +231,8 @@ def test_producer_retry_waiting_behind_a_busy_counter_is_kept_once_and_counted_o
     first = push(r, "hot", 5, event_id="order-1")
     retry = push(r, "hot", 5, event_id="order-1")
     consumer = make_consumer(lock_wait_ms=30)
-    consumer.step()
-    assert sorted(e.entry_id for e in consumer._deferred) == [first, retry]  # once each
+    consumer.turn()
+    assert sorted(e.entry_id for e in consumer.hand.waiting) == [first, retry]  # once each
     r.delete(counters.lane_key("hot", "live"))
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"hot", "cold"}) == {"hot": 5, "cold": 1}
@@ -291,7 +291,7 @@ def test_own_pending_entries_after_a_restart_are_counted_at_once_without_a_claim
     # Delivered once, to our name only: no other replica's lane can matter.
     delivered_to(r, "w1", "mine", 2)
     consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
-    consumer.step()  # reads its own pending list first
+    consumer.turn()  # reads its own pending list first
     assert values(r, {"mine"}) == {"mine": 2}
     assert drained(r)
 
@@ -306,9 +306,9 @@ def test_own_pending_entry_claimed_by_a_predecessor_waits_one_lock_ttl_after_a_r
     r.set(counters.lane_key("mine", "w0"), "a-replica-w1-claimed-from", px=300)
     consumer = make_consumer(consumer="w1", claim_idle_ms=600_000, lock_ttl_ms=300)
     started = time.monotonic()
-    consumer.step()  # reads its own pending list first, and holds it
+    consumer.turn()  # reads its own pending list first, and holds it
     assert values(r, {"mine"}) == {"mine": 0}
-    assert [e.counter for e in consumer._held] == ["mine"]
+    assert [e.event.counter for e in consumer.hand.held_entries] == ["mine"]
     turn_until(consumer, lambda: drained(r))
     assert time.monotonic() - started >= 0.3
     assert values(r, {"mine"}) == {"mine": 2}
@@ -356,12 +356,12 @@ def test_event_id_markers_expire_after_the_dedupe_window(
     retry = parse(b"9-9", [b"counter", b"w", b"event_id", b"k"])
     r.set(counters.lane_key("w", "me"), "t", px=60_000)
     assert apply_events(r, "w", "t", [retry], ttl_ms=60_000).outcome is (
-        counters.Outcome.ALREADY_APPLIED
+        counters.Written.ALREADY_APPLIED
     )
     r.pexpire(key, 200)  # as if the window were over
     time.sleep(0.25)
     assert r.exists(key) == 0  # nothing left behind
-    assert apply_events(r, "w", "t", [retry], ttl_ms=300).outcome is counters.Outcome.APPLIED
+    assert apply_events(r, "w", "t", [retry], ttl_ms=300).outcome is counters.Written.APPLIED
     assert values(r, {"w"}) == {"w": 2}  # a retry after the window counts again (documented)
 
 
@@ -376,7 +376,7 @@ def test_same_entry_id_on_two_streams_feeding_one_counter_counts_both(
     r.set(counters.lane_key("shared", "me"), "t-crashed", px=50)
     parsed = parse(b"1-0", [b"counter", b"shared", b"amount", b"5"])
     result = apply_events(r, "shared", "t-crashed", [parsed], stream=b"s1")
-    assert result.outcome is counters.Outcome.APPLIED
+    assert result.outcome is counters.Written.APPLIED
     time.sleep(0.15)
     on_s2 = make_consumer(stream="s2", consumer="s2-live")
     turn_until(on_s2, lambda: drained(r, "s2"))
@@ -413,7 +413,7 @@ def test_over_delivered_entry_that_was_already_applied_is_acknowledged_not_dead_
             r.xclaim(STREAM, GROUP, f"dead-{n}", 0, [entry])
     r.set(counters.lane_key("worn", "me"), "t-dead", px=50)
     parsed = parse(entry, [b"counter", b"worn", b"amount", b"5"])
-    assert apply_events(r, "worn", "t-dead", [parsed]).outcome is counters.Outcome.APPLIED
+    assert apply_events(r, "worn", "t-dead", [parsed]).outcome is counters.Written.APPLIED
     time.sleep(0.15)
     consumer = make_consumer(max_deliveries=3)
     turn_until(consumer, lambda: drained(r))
@@ -428,12 +428,12 @@ def test_busy_lock_with_zero_lock_wait_does_not_spin_on_redis(
     r.set(counters.lane_key("held", "live"), "someone-else", px=60_000)
     push(r, "held", 1)
     consumer = make_consumer(lock_wait_ms=0)
-    consumer.step()
+    consumer.turn()
     before = int(r.info("stats")["total_commands_processed"])
     deadline = time.monotonic() + 1.0
     turns = 0
     while time.monotonic() < deadline:
-        consumer.step()
+        consumer.turn()
         turns += 1
     commands = int(r.info("stats")["total_commands_processed"]) - before
     assert values(r, {"held"}) == {"held": 0}
@@ -449,7 +449,9 @@ def test_entry_handed_to_a_batch_twice_is_counted_once(
     entry = delivered_to(r, "live", "twice", 3)
     consumer = make_consumer(claim_idle_ms=600_000)
     fields = [b"counter", b"twice", b"amount", b"3"]
-    consumer.process([Delivery(entry, fields, 1), Delivery(entry, fields, 2)])
+    twice = batch.parse([Delivery(entry, fields, 1), Delivery(entry, fields, 1)])
+    outcomes = consumer.driver.drive(twice, read=2, more=False, until=0, stopping=lambda: False)
+    assert sum(o.applied + o.duplicates for o in outcomes) == 1
     assert values(r, {"twice"}) == {"twice": 3}
     assert drained(r)
 
@@ -468,7 +470,7 @@ def test_every_entry_kept_in_hand_behind_a_busy_lock_is_kept_ours_not_claimed_aw
     deadline = time.monotonic() + 2.5  # more than twice CLAIM_IDLE_MS in hand
     with IdleWatch(r) as watch:
         while time.monotonic() < deadline:
-            consumer.step()
+            consumer.turn()
             assert other.reclaimer.claim(10).claimed == []  # never idle long enough
     assert watch.longest < 1000
     pending = r.xpending_range(STREAM, GROUP, "-", "+", 10)

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import apply_events, bookkeeping_keys, take_locks
+from helpers import apply_events, bookkeeping_keys, run_calls, take_locks
 
-from worker import counters, deadletter, scripts
+from worker import counters, deadletter
 from worker.counters import (
     ApplyResult,
-    Outcome,
+    Written,
     applied_key,
     event_ids_key,
     lane_key,
@@ -50,7 +50,7 @@ def apply(r: redis.Redis, token: str, events: list[Event], ttl_ms: int = TTL_MS)
 def finish(r: redis.Redis, token: str, events: list[Event], lanes: list[str] | None = None) -> int:
     ids = [e.entry_id for e in events]
     call = counters.finish_call(SRC, token, [(NAME, lanes or [LOCK], ids)], LOCK_TTL_MS)
-    (raw,) = scripts.run(r, [call])
+    (raw,) = run_calls(r, [call])
     (reply,) = raw
     return int(reply)
 
@@ -70,7 +70,7 @@ def state(r: redis.Redis) -> tuple[object, ...]:
 def earlier(r: redis.Redis) -> None:
     """A counter that already has a value (5) and markers from an earlier apply."""
     token = take_lock(r)
-    assert apply(r, token, [ev(1, 5, "first")]).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(1, 5, "first")]).outcome is Written.APPLIED
     r.delete(LOCK)
 
 
@@ -83,7 +83,7 @@ def test_apply_without_holding_the_lock_is_refused_and_writes_nothing(
         r.set(LOCK, holder)
     before = state(r)
     result = apply(r, "my-stale-token", [ev(2, 7), ev(3, 1, "new")])
-    assert result.outcome is Outcome.LOCK_LOST
+    assert result.outcome is Written.LOCK_LOST
     assert state(r) == before
     assert r.get(V) == b"5"
 
@@ -92,7 +92,7 @@ def test_apply_with_a_token_whose_lock_expired_and_was_retaken_is_refused(r: red
     stale = take_locks(r, Locks(50), [LOCK])[LOCK]
     time.sleep(0.12)
     fresh = take_lock(r)
-    assert apply(r, stale, [ev(1, 3)]).outcome is Outcome.LOCK_LOST
+    assert apply(r, stale, [ev(1, 3)]).outcome is Written.LOCK_LOST
     assert r.exists(V, APPLIED) == 0
     assert r.get(LOCK) == fresh.encode()
 
@@ -101,7 +101,7 @@ def test_apply_with_the_lock_adds_the_exact_sum_and_markers_with_a_ttl(r: redis.
     token = take_lock(r)
     before_ms = r.time()[0] * 1000
     result = apply(r, token, [ev(1, 4), ev(2, -1, "ev-a"), ev(3, 10)])
-    assert result.outcome is Outcome.APPLIED
+    assert result.outcome is Written.APPLIED
     assert r.get(V) == b"13"
     got = markers(r)
     assert set(got) == {b"x:events|1-0", b"x:events|2-0", b"k:ev-a", b"x:events|3-0"}
@@ -126,19 +126,19 @@ def test_apply_is_exact_beyond_double_precision(
         r.set(V, start)
     token = take_lock(r)
     result = apply(r, token, [ev(i + 1, d) for i, d in enumerate(deltas)])
-    assert result.outcome is Outcome.APPLIED
+    assert result.outcome is Written.APPLIED
     assert r.get(V) == str(expected).encode()
 
 
 def test_reapplying_the_same_entries_is_already_applied_and_writes_nothing(r: redis.Redis) -> None:
     token = take_lock(r)
-    assert apply(r, token, [ev(1, 2), ev(2, 3, "k2"), ev(3, 4)]).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(1, 2), ev(2, 3, "k2"), ev(3, 4)]).outcome is Written.APPLIED
     before = state(r)
     again = apply(r, token, [ev(1, 2), ev(2, 3, "k2"), ev(3, 4)])
-    assert again.outcome is Outcome.ALREADY_APPLIED
+    assert again.outcome is Written.ALREADY_APPLIED
     assert again.skipped == (0, 1, 2)  # each once, though ev 2 has two markers
     mixed = apply(r, token, [ev(9, 100), ev(3, 4), ev(8, 100), ev(1, 2)])
-    assert mixed.outcome is Outcome.ALREADY_APPLIED
+    assert mixed.outcome is Written.ALREADY_APPLIED
     assert mixed.skipped == (1, 3)
     assert state(r) == before
     assert r.get(V) == b"9"
@@ -146,12 +146,12 @@ def test_reapplying_the_same_entries_is_already_applied_and_writes_nothing(r: re
 
 def test_event_id_retry_under_a_new_entry_id_is_already_applied(r: redis.Redis) -> None:
     token = take_lock(r)
-    assert apply(r, token, [ev(1, 5, "order-17")]).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(1, 5, "order-17")]).outcome is Written.APPLIED
     assert finish(r, token, [ev(1)]) == 1  # entry marker cleared, event_id marker stays
     token = take_lock(r)
     before = state(r)
     result = apply(r, token, [ev(2, 1), ev(3, 5, "order-17"), ev(4, 1, "order-18")])
-    assert result.outcome is Outcome.ALREADY_APPLIED
+    assert result.outcome is Written.ALREADY_APPLIED
     assert result.skipped == (1,)
     assert state(r) == before
     assert r.get(V) == b"5"
@@ -176,7 +176,7 @@ def test_failed_write_returns_failed_with_redis_error_and_writes_no_marker(
     before = state(r)
     events = [ev(10 + i, d, f"id-{i}") for i, d in enumerate(deltas)]
     result = apply(r, take_lock(r), events)
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is Written.FAILED
     assert result.error.startswith(error)
     assert state(r) == before
     assert set(markers(r)) == {b"x:events|1-0", b"k:first"}  # only the earlier apply's markers
@@ -211,11 +211,11 @@ def test_apply_needing_two_lanes_is_refused_when_it_holds_only_one(r: redis.Redi
     token = take_lock(r)  # our lane only
     r.set(theirs, "previous-owner-token")
     result = apply_events(r, NAME, token, [ev(1, 3)], stream=SRC, lanes=("me", "previous-owner"))
-    assert result.outcome is Outcome.LOCK_LOST
+    assert result.outcome is Written.LOCK_LOST
     assert r.exists(V, APPLIED) == 0
     r.set(theirs, token)  # now we hold both
     result = apply_events(r, NAME, token, [ev(1, 3)], stream=SRC, lanes=("me", "previous-owner"))
-    assert result.outcome is Outcome.APPLIED
+    assert result.outcome is Written.APPLIED
     assert r.get(V) == b"3"
 
 
@@ -246,7 +246,7 @@ def test_markers_cut_short_do_not_outlive_their_life_in_a_key_another_apply_kept
     apply(r, token, [ev(1)])
     r.set(LOCK, "someone-else")
     short = counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0"])], 200)
-    assert scripts.run(r, [short]) == [[0]]
+    assert run_calls(r, [short]) == [[0]]
     r.delete(LOCK)
     token = take_lock(r)
     apply(r, token, [ev(2)])
@@ -264,10 +264,10 @@ def test_finish_without_any_lane_cuts_markers_short_and_never_lengthens_them(
     token = take_lock(r)
     apply(r, token, [ev(1), ev(2)])
     short = counters.finish_call(SRC, "no-token", [(NAME, [], [b"1-0"])], 200)
-    assert scripts.run(r, [short]) == [[0]]
+    assert run_calls(r, [short]) == [[0]]
     assert set(markers(r)) == {b"x:events|1-0", b"x:events|2-0"}
     longer = counters.finish_call(SRC, "no-token", [(NAME, [], [b"1-0"])], LOCK_TTL_MS)
-    assert scripts.run(r, [longer]) == [[0]]
+    assert run_calls(r, [longer]) == [[0]]
     time.sleep(0.3)
     assert apply(r, token, [ev(1, 5), ev(2, 5)]).skipped == (1,)  # 1-0's marker is over
     assert r.get(V) == b"2"
@@ -281,7 +281,7 @@ def test_finish_of_thousands_of_entries_of_one_counter_ends_every_marker(
     token = take_lock(r)
     events = [ev(i) for i in range(1, 9001)]
     for i in range(0, len(events), 1000):
-        assert apply(r, token, events[i : i + 1000]).outcome is Outcome.APPLIED
+        assert apply(r, token, events[i : i + 1000]).outcome is Written.APPLIED
     if not lane_kept:
         r.set(LOCK, "someone-else")
     assert finish(r, token, events) == (1 if lane_kept else 0)
@@ -327,12 +327,12 @@ def test_expired_event_id_marker_no_longer_skips_a_retry_and_is_removed_when_met
     r: redis.Redis,
 ) -> None:
     token = take_lock(r)
-    assert apply(r, token, [ev(9, 1, "k9")]).outcome is Outcome.APPLIED  # the key lives on
-    assert apply(r, token, [ev(1, 1, "k1")], ttl_ms=300).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(9, 1, "k9")]).outcome is Written.APPLIED  # the key lives on
+    assert apply(r, token, [ev(1, 1, "k1")], ttl_ms=300).outcome is Written.APPLIED
     time.sleep(0.45)
     stale = r.zscore(EVENT_IDS, b"k:k1")
     assert stale is not None  # expired by score, still stored
-    assert apply(r, token, [ev(2, 1, "k1")]).outcome is Outcome.APPLIED  # its window is over
+    assert apply(r, token, [ev(2, 1, "k1")]).outcome is Written.APPLIED  # its window is over
     assert r.get(V) == b"3"
     fresh = r.zscore(EVENT_IDS, b"k:k1")
     assert fresh is not None
@@ -346,7 +346,7 @@ def test_event_id_marker_written_by_an_older_worker_in_the_entry_markers_key_sti
     r.zadd(APPLIED, {b"k:old": r.time()[0] * 1000 + TTL_MS})
     token = take_lock(r)
     assert apply(r, token, [ev(1, 4, "old"), ev(2, 5)]).skipped == (0,)
-    assert apply(r, token, [ev(2, 5)]).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(2, 5)]).outcome is Written.APPLIED
     assert r.get(V) == b"5"
 
 
@@ -356,7 +356,7 @@ def test_entry_marker_outlives_the_dedupe_window_so_a_late_redelivery_is_skipped
     # Applied, then nobody acknowledges the entry for longer than the window (Redis down,
     # every replica stopped): its redelivery must still find the marker.
     token = take_lock(r)
-    assert apply(r, token, [ev(1, 7, "k1")], ttl_ms=300).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(1, 7, "k1")], ttl_ms=300).outcome is Written.APPLIED
     time.sleep(0.45)
     assert apply(r, token, [ev(1, 7, "k1")], ttl_ms=300).skipped == (0,)
     assert r.get(V) == b"7"
@@ -365,7 +365,7 @@ def test_entry_marker_outlives_the_dedupe_window_so_a_late_redelivery_is_skipped
 def test_apply_then_finish_without_event_ids_leaves_no_bookkeeping(r: redis.Redis) -> None:
     events = [ev(i, i) for i in range(1, 21)]
     token = take_lock(r)
-    assert apply(r, token, events).outcome is Outcome.APPLIED
+    assert apply(r, token, events).outcome is Written.APPLIED
     assert finish(r, token, events) == 1
     assert bookkeeping_keys(r) == []
     assert r.keys("*") == [V.encode()]
@@ -374,19 +374,19 @@ def test_apply_then_finish_without_event_ids_leaves_no_bookkeeping(r: redis.Redi
 
 def test_scripts_reload_after_script_flush_and_nothing_runs_twice(r: redis.Redis) -> None:
     token = take_lock(r)
-    assert apply(r, token, [ev(1, 2)]).outcome is Outcome.APPLIED
+    assert apply(r, token, [ev(1, 2)]).outcome is Written.APPLIED
     r.script_flush()
     assert r.script_exists(counters.APPLY.sha) == [False]
     calls = [
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(2, 3)])], TTL_MS, LANES),
+        counters.apply_call(SRC, token, [counters.Write(NAME, [ev(2, 3)])], TTL_MS, LANES),
         Call.command("INCR", "side"),
-        counters.apply_call(SRC, token, [counters.Group(NAME, [ev(3, 4)])], TTL_MS, LANES),
+        counters.apply_call(SRC, token, [counters.Write(NAME, [ev(3, 4)])], TTL_MS, LANES),
         counters.finish_call(SRC, token, [(NAME, [LOCK], [b"1-0", b"2-0", b"3-0"])], 10_000),
     ]
-    results = scripts.run(r, calls)
+    results = run_calls(r, calls)
     assert [results[0], results[2], results[4]] == [1, 2, [1]]  # finish ran after the applies
-    assert [counters.parse_apply(results[i], 1)[0].outcome for i in (1, 3)] == [Outcome.APPLIED] * 2
+    assert [counters.parse_apply(results[i], 1)[0].outcome for i in (1, 3)] == [Written.APPLIED] * 2
     assert r.get("side") == b"2"  # each INCR ran exactly once
     assert r.get(V) == b"9"  # each apply ran exactly once
     assert r.exists(LOCK, APPLIED) == 0
@@ -408,16 +408,42 @@ def deliver(r: redis.Redis, consumer: str, **fields: str) -> tuple[bytes, list[b
     return entry_id, flat
 
 
+def move(r: redis.Redis, consumer: str, rejected: list[Rejected]) -> list[bytes]:
+    """Dead-letter ``rejected`` as ``consumer`` (deadletter.lua): the ids moved."""
+    call = deadletter.dead_letter_call(STREAM, DEAD, GROUP, consumer, rejected)
+    (moved,) = run_calls(r, [call])
+    return [bytes(i) for i in moved]
+
+
+def test_dead_letter_of_a_valid_entry_copies_its_fields_from_the_stream(r: redis.Redis) -> None:
+    # A valid entry whose write failed MAX_DELIVERIES times: its fields were not kept.
+    entry_id, flat = deliver(r, "c1", counter="x", amount="5", note="hi")
+    assert move(r, "c1", [Rejected(entry_id, None, "ERR overflow")]) == [entry_id]
+    [(_, fields)] = r.xrange(DEAD)
+    pairs = [*zip(flat[::2], flat[1::2], strict=True)]
+    assert list(fields.items()) == [*pairs, (b"error", b"ERR overflow"), (b"source_id", entry_id)]
+
+
+def test_dead_letter_copied_from_the_stream_keeps_at_most_max_fields(r: redis.Redis) -> None:
+    extra = {f"f{i}": "v" for i in range(deadletter.MAX_FIELDS + 500)}
+    entry_id, _ = deliver(r, "c1", counter="x", **extra)
+    assert move(r, "c1", [Rejected(entry_id, None, "worn")]) == [entry_id]
+    [(_, fields)] = r.xrange(DEAD)
+    assert len(fields) == deadletter.MAX_FIELDS + 3  # + fields_truncated, error, source_id
+    kept = f"{deadletter.MAX_FIELDS} of {deadletter.MAX_FIELDS + 501} fields kept"
+    assert fields[b"fields_truncated"] == kept.encode()
+
+
 def test_dead_letter_move_keeps_fields_adds_reason_and_acks_exactly_once(r: redis.Redis) -> None:
     entry_id, flat = deliver(r, "c1", counter="x", amount="1.5", note="hi")
     item = Rejected(entry_id, flat, "field 'amount' must be a whole number, got '1.5'")
-    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", [item]) == [entry_id]
+    assert move(r, "c1", [item]) == [entry_id]
     [(_, fields)] = r.xrange(DEAD)
     original = [(b"counter", b"x"), (b"amount", b"1.5"), (b"note", b"hi")]
     added = [(b"error", item.reason.encode()), (b"source_id", entry_id)]
     assert list(fields.items()) == original + added
     assert r.xpending(STREAM, GROUP)["pending"] == 0
-    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", [item]) == []
+    assert move(r, "c1", [item]) == []
     assert r.xlen(DEAD) == 1
 
 
@@ -425,7 +451,7 @@ def test_dead_letter_move_leaves_an_entry_pending_for_another_consumer(r: redis.
     theirs, their_flat = deliver(r, "c2", counter="")
     mine, my_flat = deliver(r, "c1", op="INCR", counter="a", amount="2")
     rejected = [Rejected(theirs, their_flat, "empty"), Rejected(mine, my_flat, "bad op")]
-    assert deadletter.move(r, STREAM, DEAD, GROUP, "c1", rejected) == [mine]
+    assert move(r, "c1", rejected) == [mine]
     [(_, fields)] = r.xrange(DEAD)
     pairs = [*zip(my_flat[::2], my_flat[1::2], strict=True), (b"error", b"bad op")]
     assert list(fields.items()) == [*pairs, (b"source_id", mine)]

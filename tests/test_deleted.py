@@ -22,7 +22,7 @@ def markers_keys(r: redis.Redis, n: int) -> None:
 def walk(search: DeletedEntries) -> list[Verdict]:
     verdicts: list[Verdict] = []
     for _ in range(1000):
-        verdicts += search.step()
+        verdicts += search.walk()
         if not search.busy():
             return verdicts
     raise AssertionError("the walk did not end")
@@ -55,7 +55,7 @@ def test_ids_found_deleted_during_a_walk_get_a_whole_walk_of_their_own(
     r.zadd(counters.applied_key("c7"), {b"x:events|9-0": 4_000_000_000_000})
     search = DeletedEntries(r, "events", LOCK_TTL_MS)
     search.add([b"1-0"])
-    verdicts = search.step()  # part of the way, then 9-0 is found deleted too
+    verdicts = search.walk()  # part of the way, then 9-0 is found deleted too
     assert search.busy()
     search.add([b"9-0"])
     verdicts += walk(search)

@@ -44,8 +44,8 @@ def in_hand_behind_our_busy_lane(
     r.set(counters.lane_key("hot", "live"), "someone-else", px=60_000)
     x = push(r, "hot", amount)
     consumer = make_consumer(lock_wait_ms=0, **settings)
-    consumer.step()
-    assert [e.entry_id for e in consumer._deferred] == [x]
+    consumer.turn()
+    assert [e.entry_id for e in consumer.hand.waiting] == [x]
     return consumer, x
 
 
@@ -62,7 +62,7 @@ def s_writes(r: redis.Redis, x: bytes, amount: int) -> None:
     """S's apply of X, under its lane, as S would send it after its confirm."""
     event = parse(x, [b"counter", b"hot", b"amount", str(amount).encode()])
     result = apply_events(r, "hot", "s-token", [event], lanes=("S",))
-    assert result.outcome is counters.Outcome.APPLIED
+    assert result.outcome is counters.Written.APPLIED
 
 
 def test_replica_applies_its_own_entries_while_another_replica_holds_its_lane_on_the_counter(
@@ -72,7 +72,7 @@ def test_replica_applies_its_own_entries_while_another_replica_holds_its_lane_on
     push(r, "hot", 3)
     push(r, "hot", 4)
     consumer = make_consumer()
-    consumer.step()
+    consumer.turn()
     assert values(r, {"hot"}) == {"hot": 7}
     assert drained(r)
     assert consumer.stats.lock_busy == 0
@@ -89,7 +89,7 @@ def test_entry_claimed_from_a_replica_waits_for_that_replicas_lane_and_counts_on
     consumer = make_consumer(lock_wait_ms=20)
     turn_until(consumer, lambda: owner_of(r, entry) == b"live")  # claimed...
     assert values(r, {"c"}) == {"c": 0}  # ...but not applied under stuck's nose
-    assert [e.owner for e in consumer._deferred] == ["stuck"]
+    assert [e.owner for e in consumer.hand.waiting] == ["stuck"]
     r.delete(counters.lane_key("c", "stuck"))
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"c"}) == {"c": 5}
@@ -125,12 +125,12 @@ def test_entry_claimed_away_and_back_while_in_hand_is_held_until_old_lanes_expir
     claimed_away_and_back(r, x, s_lane_ms=300)
     if not busy:
         r.delete(counters.lane_key("hot", "live"))
-    consumer.step()
-    assert [e.entry_id for e in consumer._held] == [x]
-    assert consumer._deferred == []
+    consumer.turn()
+    assert [e.entry_id for e in consumer.hand.held_entries] == [x]
+    assert consumer.hand.waiting == []
     if busy:
         r.delete(counters.lane_key("hot", "live"))
-        consumer.step()
+        consumer.turn()
     assert values(r, {"hot"}) == {"hot": 0}  # held: S may still write it
     s_writes(r, x, 6)
     turn_until(consumer, lambda: drained(r))
@@ -147,9 +147,9 @@ def test_entry_in_hand_claimed_back_from_another_replica_then_needs_that_replica
     r.delete(counters.lane_key("hot", "live"))
     time.sleep(1.05)  # CLAIM_IDLE_MS
     consumer.reclaimer.restart()
-    consumer.step()  # our sweep claims it back: now S's lane is needed too
+    consumer.turn()  # our sweep claims it back: now S's lane is needed too
     assert owner_of(r, x) == b"live"
-    assert [e.owner for e in consumer._deferred + consumer._held] == ["S"]
+    assert [e.owner for e in consumer.hand.waiting + consumer.hand.held_entries] == ["S"]
     assert values(r, {"hot"}) == {"hot": 0}
     r.delete(counters.lane_key("hot", "S"))
     turn_until(consumer, lambda: drained(r))
@@ -172,16 +172,16 @@ def test_entry_kept_in_hand_found_delivered_again_by_the_keep_ours_claim_is_held
     r: redis.Redis, make_consumer: MakeConsumer
 ) -> None:
     consumer, x = in_hand_behind_our_busy_lane(
-        r, make_consumer, 1, lock_ttl_ms=300, claim_idle_ms=600_000
+        r, make_consumer, 1, lock_ttl_ms=300, claim_idle_ms=1200
     )
     claimed_away_and_back(r, x)
-    consumer._deferred_since = time.monotonic() - 600  # due for its keep-ours claim
+    time.sleep(0.4)  # CLAIM_IDLE_MS / 3: the next keep-ours claim is due
     before = time.monotonic()
-    consumer._keep_deferred_ours()
-    assert consumer._deferred == []
-    (held,) = consumer._held
+    consumer.turn()
+    assert consumer.hand.waiting == []
+    (held,) = consumer.hand.held_entries
     assert (held.entry_id, held.deliveries) == (x, 3)
-    assert held.not_before >= before + 0.3
+    assert consumer.hand.next_due() >= before + 0.3  # held one lock TTL from that reply
 
 
 def test_waiter_key_of_a_counter_whose_name_contains_lock_names_that_counter(
@@ -191,7 +191,7 @@ def test_waiter_key_of_a_counter_whose_name_contains_lock_names_that_counter(
     r.set(counters.lane_key(name, "live"), "someone-else", px=60_000)
     push(r, name, 1)
     consumer = make_consumer(lock_wait_ms=50)
-    consumer.step()  # busy, then busy again on a retry: in line for it
+    consumer.turn()  # busy, then busy again on a retry: in line for it
     assert r.get(counters.waiter_key(name, "live")) == b"live"
     assert r.get("sc:{a:lock:b}:next:live") == b"live"
     assert r.exists("sc:{a:next:b}:lock:live") == 0  # not some other counter's lane
@@ -207,7 +207,7 @@ def test_markers_of_a_finish_that_lost_its_lane_expire_one_lock_ttl_later_even_i
     lost = []
 
     def lose_lane_before_finish(rounds: Any) -> None:
-        if not lost and any(step.step == "ack_release" for step in rounds):
+        if not lost and any(r.stage == "finish" for r in rounds):
             lost.append(r.delete(counters.lane_key("c", "live")))  # as if it expired
         send(rounds)
 
@@ -234,11 +234,11 @@ def test_after_a_lost_connection_only_entries_delivered_more_than_once_wait(
     ours = push(r, "b", 7)
     r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)
     consumer = make_consumer(lock_ttl_ms=300, claim_idle_ms=600_000)
-    consumer._reset_after_error()  # as after a connection error: refetch, no delivery counted
-    consumer.step()
+    consumer.start_over()  # as after a connection error: refetch, no delivery counted
+    consumer.turn()
     assert values(r, {"a", "b"}) == {"a": 0, "b": 7}
-    assert [e.entry_id for e in consumer._held] == [claimed]
-    assert ours not in [e.entry_id for e in consumer._held]
+    assert [e.entry_id for e in consumer.hand.held_entries] == [claimed]
+    assert ours not in [e.entry_id for e in consumer.hand.held_entries]
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"a", "b"}) == {"a": 5, "b": 7}
 
@@ -256,11 +256,11 @@ def test_held_entry_on_an_idle_stream_never_looks_idle_and_is_counted_when_due(
     r.xclaim(STREAM, GROUP, "live", 0, [x])
     options = {"lock_ttl_ms": 950, "claim_idle_ms": 1000}  # held for 1.055 s
     consumer = make_consumer(block_ms=block_ms, shutdown_grace_ms=10_000, **options)
-    consumer._reset_after_error()
+    consumer.start_over()
     started = time.monotonic()
     with IdleWatch(r) as watch:
-        consumer.step()
-        assert [e.entry_id for e in consumer._held] == [x]
+        consumer.turn()
+        assert [e.entry_id for e in consumer.hand.held_entries] == [x]
         turn_until(consumer, lambda: drained(r))
     assert time.monotonic() - started < 3.0
     assert 0 < watch.longest < 1000 * 2 / 3  # CLAIM_IDLE_MS / 3, and a turn at most
@@ -274,12 +274,11 @@ def test_entry_claimed_away_and_back_between_two_batches_in_flight_is_held(
     for _ in range(100):
         push(r, "hot", 1)
     consumer = make_consumer(batch_size=20, lock_ttl_ms=300, claim_idle_ms=600_000)
-    consumer.step()  # our (empty) pending list, then one batch on its own
     send = consumer.pipe.send
     locks: list[bytes] = []
 
     def claim_one_before_the_third_lock(rounds: Any) -> None:
-        if any(step.step == "lock" for step in rounds):
+        if any(r.stage == "take_lanes" for r in rounds):
             if len(locks) == 2:
                 newest = r.xpending_range(STREAM, GROUP, "-", "+", 1000, "live")[-1]
                 claimed_away_and_back(r, newest["message_id"], s_lane_ms=300)
@@ -287,8 +286,8 @@ def test_entry_claimed_away_and_back_between_two_batches_in_flight_is_held(
         send(rounds)
 
     consumer.pipe.send = claim_one_before_the_third_lock  # type: ignore[method-assign]
-    consumer.step()  # batches back to back: all but the entry that came back
-    (held,) = consumer._held
+    consumer.turn()  # batches back to back: all but the entry that came back
+    (held,) = consumer.hand.held_entries
     assert held.deliveries == 3
     s_writes(r, held.entry_id, 1)  # S, which confirmed it, writes it now
     turn_until(consumer, lambda: drained(r))
@@ -326,9 +325,9 @@ def test_entry_back_in_hand_after_an_outage_is_claimed_ours_at_once(
     consumer = make_consumer(**options)
     other = make_consumer(consumer="other", **options)
     time.sleep(0.8)  # the outage
-    consumer._reset_after_error()
-    consumer.step()
-    assert [e.entry_id for e in consumer._held] == [x]
+    consumer.start_over()
+    consumer.turn()
+    assert [e.entry_id for e in consumer.hand.held_entries] == [x]
     time.sleep(0.3)  # 1.1 s since the claim, had nobody touched it
     assert other.reclaimer.claim(10).claimed == []
     turn_until(consumer, lambda: drained(r))

@@ -8,9 +8,8 @@ import time
 
 import pytest
 import redis
-from helpers import take_locks
+from helpers import run_calls, take_locks
 
-from worker import scripts
 from worker.backoff import Backoff, full_jitter, reconnect_delay
 from worker.lock import Locks, Tokens
 from worker.scripts import Call
@@ -147,7 +146,7 @@ def test_reconnect_delay_starts_small_and_grows() -> None:
 def take_turn(r: redis.Redis, me: str, token: str) -> int:
     """One attempt at lock "k" with waiter key "k:next", as replica ``me``."""
     call = Locks(TTL_MS).acquire_call(["k"], token, waiters=["k:next"], me=me)
-    ((taken,),) = scripts.run(r, [call])
+    ((taken,),) = run_calls(r, [call])
     return int(taken)
 
 
@@ -183,6 +182,6 @@ def test_locks_are_taken_before_a_later_read_in_the_same_pipeline_after_script_f
 ) -> None:
     locks = Locks(TTL_MS)
     r.script_flush()  # as after a Redis restart
-    taken, seen = scripts.run(r, [locks.acquire_call(["k"], "t-1"), Call.command("GET", "k")])
+    taken, seen = run_calls(r, [locks.acquire_call(["k"], "t-1"), Call.command("GET", "k")])
     assert taken == [1]
     assert seen == b"t-1"  # the read ran after the lock was taken, as sent

@@ -89,7 +89,7 @@ def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     assert r.pttl(counters.event_ids_key("w")) > day - 60_000
     time.sleep(1.1)  # the short-window marker is gone; the day-long one must not be
     retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
-    assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Outcome.ALREADY_APPLIED
+    assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Written.ALREADY_APPLIED
     assert values(r, {"w"}) == {"w": 2}
 
 
@@ -104,7 +104,7 @@ def test_replica_with_nothing_pending_leaves_the_group_on_shutdown(
     consumer = make_consumer()
     turn_until(consumer, lambda: drained(r))
     assert b"live" in consumers(r)
-    consumer._hand_back()
+    consumer.hand_back()
     assert b"live" not in consumers(r)
 
 
@@ -114,7 +114,7 @@ def test_shutdown_keeps_the_name_when_a_same_name_process_has_an_entry_pending(
     consumer = make_consumer()
     entry = push(r, "a", 1)
     r.xreadgroup(GROUP, "live", {STREAM: ">"}, count=10)  # a twin with our name took it
-    consumer._hand_back()
+    consumer.hand_back()
     assert b"live" in consumers(r)
     (info,) = r.xpending_range(STREAM, GROUP, "-", "+", 10)
     assert (info["message_id"], info["consumer"]) == (entry, b"live")  # not lost

@@ -1,420 +1,540 @@
-"""One batch through the fenced exactly-once protocol: lock + confirm, apply, ack + release.
+"""One batch through the fenced exactly-once protocol, one stage per round trip.
 
-Locks are lanes (docs/design-lock-lanes.md): a counter's entries need this consumer's lane
-on it, and the lane of each consumer one of them was claimed from.
+    stage       the round trip (Redis runs its calls in the order sent)
+    parse       (no round trip) deliveries -> entries to apply, entries to dead-letter,
+                entries deleted from the stream
+    take lanes  lock_acquire.lua: every lane the entries need (docs/design-lock-lanes.md,
+                rule A), one fresh token; then XPENDING of our pending list: the confirm
+    [confirm]   only if that XPENDING page was full: claim_own.lua of the entries it missed
+    write       counter_apply.lua: per counter whose every lane we took, fenced by the token:
+                skip entries that have a marker, INCRBY the exact sum, add markers; again
+                for a failed sum's entries one by one
+    finish      XACK what was written or found written; counter_finish.lua: release the
+                lanes, remove those markers (or cut them short if a lane was lost, rule B);
+                deadletter.lua: invalid entries and worn-out ones, atomically with their
+                XACK; XACK of entries deleted from the stream
 
-1. lock +   one pipeline: a script that takes every lane needed (SET NX PX, one fresh
-   confirm  token for the attempt; replicas take turns on busy lanes), then XPENDING of this
-            consumer's pending list. Redis runs them in order, so for every counter whose
-            lanes we got, the entries listed were still pending *after* we held them; the
-            others were finished by someone else (or deleted) and are dropped. Entries
-            delivered again since we got them go back to the consumer, to hold.
-2. apply    one script for all locked counters, each on its own: check the token on every
-            lane, skip entries that already have a marker, INCRBY the exact sum, add
-            markers. If a sum fails (overflow), each of its entries is tried on its own so
-            that the ones that fit still count.
-3. ack +    one pipeline: XACK everything applied or skipped, then a script that releases
-   release  the lanes still ours and, if all of them were, clears those entries' markers.
+Each stage is a function from values to values: a ``Round`` to send, or what its replies
+decided. ``Batch`` strings them together; a driver (``worker.driver``) sends its rounds and
+hands back the replies. While Redis runs a round, ``Batch.prepare`` builds the next round as
+if all goes well (every lane taken, every entry confirmed, every write done), and the batch
+uses it when it did: this process and Redis then work at the same time.
 
-Busy counters are retried after the held ones are released (nobody waits while holding a
-lock), with bounded exponential backoff and jitter; what is still busy when LOCK_WAIT_MS is
-used up goes back to the caller, to keep in hand for its next turn.
-
-``attempt`` is the protocol for one attempt, written as a generator of round trips: it
-yields each step's calls (a ``Round``) and receives their replies. ``apply_all`` drives it
-one round trip at a time; ``worker.flow`` drives two batches at once, sending one batch's
-ack + release in the same round trip as the next one's lock + confirm.
+Entries of counters whose lanes were busy, whose lane was lost before the write, or
+delivered again since we read them (to hold) are not applied: the outcome gives them back.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Container, Generator, Iterator
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, NamedTuple
 
-import redis
 import structlog
 
 from config import Settings
-from worker import counters, stream
-from worker.backoff import Backoff
-from worker.counters import Group
+from worker import counters, deadletter, events, stream
+from worker.counters import Write, Written
+from worker.deadletter import Rejected
+from worker.errors import InvalidEvent
 from worker.events import Event
-from worker.lanes import lanes_of
+from worker.hand import Entry
+from worker.lanes import Turns, lanes_of
 from worker.lock import Locks
-from worker.outcome import BatchOutcome, Stats
-from worker.scripts import Call, Pipe, Round
+from worker.scripts import Call, Round
+from worker.stream import Delivery
 
-Attempt = Generator[Round, list[Any], dict[str, list[Event]]]
-"""One attempt: yields rounds, receives their replies, returns the groups whose lock was busy."""
+Lanes = dict[str, list[str]]
+"""Per counter, the lane keys its entries need (ours first)."""
 
-
-class BatchApplier:
-    def __init__(
-        self,
-        client: redis.Redis,
-        settings: Settings,
-        log: structlog.typing.FilteringBoundLogger,
-        stats: Stats,
-        stopping: Callable[[], bool],
-        pipe: Pipe,
-    ) -> None:
-        self.client = client
-        self.pipe = pipe
-        self.s = settings
-        self.log = log
-        self.stats = stats
-        self.stopping = stopping
-        self.locks = Locks(settings.lock_ttl_ms)
-        self.stream_key = settings.stream.encode()
-        self._recent: set[str] = set()
-        """Lanes of the last attempt: they take turns with waiting replicas."""
-        self._queued: set[str] = set()
-        """Lanes we found busy and have not had since: they take turns too, so that the
-        attempt that gets one clears our place in line."""
-
-    def apply_all(self, held: list[Event]) -> BatchOutcome:
-        """Lock, confirm, apply, ack and release every counter in ``held``; wait for busy ones
-        only while holding nothing."""
-        waiting: dict[str, list[Event]] = defaultdict(list)
-        for h in held:
-            waiting[h.counter].append(h)
-        outcome = BatchOutcome()
-        delays: Iterator[float] = Backoff(self.s.lock_wait_ms, cap_ms=20).delays()
-        while waiting:
-            waiting = self.run(self.attempt(waiting, outcome))
-            if not waiting:
-                break
-            self.stats.lock_busy += len(waiting)
-            delay = None if self.stopping() else next(delays, None)
-            if delay is None:
-                break
-            time.sleep(delay)
-            outcome.lock_wait_ms += delay * 1000
-        self.settle(waiting, outcome)
-        return outcome
-
-    def settle(self, busy: dict[str, list[Event]], outcome: BatchOutcome) -> None:
-        """The batch is done: what is still busy goes back to the caller; count the rest."""
-        for items in busy.values():
-            outcome.busy.extend(items)
-        self.stats.applied += outcome.applied
-        self.stats.duplicates += outcome.duplicates
-
-    def run(self, attempt: Attempt) -> dict[str, list[Event]]:
-        """Drive ``attempt`` one round trip at a time."""
-        try:
-            step = next(attempt)
-            while True:
-                self.pipe.send([step])
-                try:
-                    if step.meanwhile is not None:
-                        step.meanwhile()
-                except BaseException:
-                    self.pipe.reset()
-                    raise
-                step = attempt.send(self.pipe.recv()[0])
-        except StopIteration as done:
-            busy: dict[str, list[Event]] = done.value
-            return busy
-
-    def attempt(self, groups: dict[str, list[Event]], outcome: BatchOutcome) -> Attempt:
-        """One attempt for ``groups``: lock + confirm, apply, ack + release (see the top).
-
-        While Redis runs a round trip, the calls of the next one are prepared as if all goes
-        well (every lock taken, every entry confirmed, every write done), and used when it
-        did: this process and Redis then work at the same time.
-        """
-        s = self.s
-        me = s.consumer
-        batch = [h for items in groups.values() for h in items]
-        lanes, others = lanes_of(groups, me)
-        # Lanes we just had or wanted first: only those take turns with waiting replicas.
-        recent, queued = self._recent, self._queued
-        keys = [k for n in groups for k in lanes[n]]
-        mine = [(k, n) for n in groups if (k := lanes[n][0]) in recent or k in queued]
-        first = [k for k, _ in mine]
-        waiters = [counters.waiter_key(n, me) for _, n in mine]
-        for n, owners in others.items():
-            for owner, k in zip(owners, lanes[n][1:], strict=True):
-                if k in recent or k in queued:
-                    first.append(k)
-                    waiters.append(counters.waiter_key(n, owner))
-        if first:
-            firsts = set(first)
-            keys = first + [k for k in keys if k not in firsts]
-        self._recent = set(keys)
-        token = self.locks.tokens.next()
-        count = len(batch) + 1000
-        lock = self.locks.acquire_call(keys, token, waiters=waiters, me=me).packed()
-        confirm = stream.confirm_call(s.stream, s.group, me, count)
-        guess: list[Plan] = []
-        taken, confirmed = yield Round(
-            "lock", [lock, confirm], lambda: guess.append(self._plan(groups, token, lanes))
-        )
-        for reply in (taken, confirmed):
-            if isinstance(reply, Exception):
-                # Locks we may have taken expire by TTL; nothing was written.
-                raise reply
-        pending: dict[bytes, int] = {entry[0]: entry[3] for entry in confirmed}
-        if len(confirmed) == count:  # our pending list is longer: ask by id
-            unseen = [h.entry_id for h in batch if h.entry_id not in pending]
-            if unseen:
-                calls = stream.claim_own_calls(s.stream, s.group, me, unseen)
-                kept = stream.parse_claim_own((yield Round("confirm", calls)))
-                pending.update(kept.counts)
-                outcome.deleted += kept.deleted  # off the pending list: dropped below
-        missing: list[bytes] = []
-        changed: list[Event] = []
-        for h in batch:
-            times = pending.get(h.entry_id)
-            if times is None:
-                missing.append(h.entry_id)
-            elif times > h.deliveries:
-                # Delivered again since we got it (claimed away and back): whose lanes it
-                # needs is unknown, so the consumer holds it until every lock taken before
-                # now has expired.
-                h.deliveries = times
-                changed.append(h)
-        moved = {h.entry_id for h in changed}
-        if changed:  # held, whether their counter is ours or busy: never retried before that
-            outcome.held += changed
-            for h in changed:
-                del pending[h.entry_id]
-            groups = {
-                n: [h for h in items if h.entry_id not in moved] for n, items in groups.items()
-            }
-        partial: list[str] = []
-        held: list[str] = []
-        if taken.count(1) == len(taken):
-            held, busy = list(groups), {}
-            if queued:
-                queued.difference_update(keys)
-        else:
-            got = {k for k, ok in zip(keys, taken, strict=True) if ok == 1}
-            short: list[str] = []
-            for n in groups:
-                (held if all(k in got for k in lanes[n]) else short).append(n)
-            busy = {n: groups[n] for n in short if groups[n]}
-            # Busy counters may hold some of their lanes: those are released with the rest.
-            partial = [n for n in short if any(k in got for k in lanes[n])]
-            queued.update(k for k in keys if k not in got)  # in line for these (lock_acquire.lua)
-            queued.difference_update(got)
-            if len(queued) > QUEUED_MAX:  # lanes we gave up on (entries finished elsewhere)
-                queued.clear()
-        if not missing and not changed and guess and held:
-            # As guessed, but for busy counters: they stay in the call, and its fencing
-            # refuses them (our token does not hold all their lanes): cheaper than a new call.
-            plan = guess[0]
-            work = {n: groups[n] for n in held} if busy else groups
-        else:
-            work = {n: [h for h in groups[n] if h.entry_id in pending] for n in held}
-            work = {n: items for n, items in work.items() if items}
-            plan = self._plan(work, token, lanes)
-            dropped = [
-                h.entry_id
-                for n in held
-                for h in groups[n]
-                if h.entry_id not in pending and h.entry_id not in moved
-            ]
-            if dropped:
-                self.log.info(
-                    "entries no longer pending were dropped: acknowledged by another replica, "
-                    "or deleted from the stream",
-                    count=len(dropped),
-                    ids=[i.decode() for i in dropped[:10]],
-                )
-        ready: list[Round] = []
-        acked = yield from self._apply(
-            work,
-            plan,
-            busy,
-            outcome,
-            lambda: ready.append(self._ack_release(work, held, partial, lanes, token)),
-            token,
-        )
-        step = (
-            ready[0]
-            if acked is work and ready
-            else self._ack_release(acked, held, partial, lanes, token)
-        )
-        results = yield step
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        for name, reply in zip(held + partial, results[-1], strict=True):
-            if isinstance(reply, bytes):  # an error text: e.g. the markers key has a wrong type
-                self.log.warning("could not release a counter", counter=name, error=reply.decode())
-            elif reply == 0 and acked.get(name):
-                # A lane expired before the finish: the markers stay until no replica that
-                # confirmed these entries before our XACK can write any more.
-                self.log.warning(
-                    "lock lane lost before the finish: entry markers expire one lock TTL later",
-                    counter=name,
-                    entries=len(acked[name]),
-                )
-        return busy
-
-    def _plan(self, work: dict[str, list[Event]], token: str, lanes: dict[str, list[str]]) -> Plan:
-        """The first apply call for ``work``. A repeated event_id inside the batch rides on
-        its first occurrence (a follower). An entry delivered more than MAX_DELIVERIES
-        times is only probed: if it was applied (its replica died before the XACK) it is
-        acknowledged, else it is dead-lettered."""
-        most = self.s.max_deliveries
-        followers: dict[bytes, list[Event]] = defaultdict(list)
-        rounds: list[Group] = []
-        for name, items in work.items():
-            if len(items) == 1 and items[0].deliveries <= most:
-                rounds.append(Group(name, items))  # the common case with many counters
-                continue
-            if all(e.event_id is None and e.deliveries <= most for e in items):
-                rounds += _chunks(name, items, False)  # the common case
-                continue
-            first_of: dict[bytes, bytes] = {}
-            candidates: list[Event] = []
-            worn: list[Event] = []
-            for h in items:
-                key = h.event_id
-                if key is not None and key in first_of:
-                    followers[first_of[key]].append(h)
-                    continue
-                if key is not None:
-                    first_of[key] = h.entry_id
-                (worn if h.deliveries > most else candidates).append(h)
-            for group in (candidates, worn):
-                rounds += _chunks(name, group, group is worn)
-        call = counters.apply_call(self.stream_key, token, rounds, self.s.dedupe_window_ms, lanes)
-        return Plan(rounds, followers, call.packed(), lanes)
-
-    def _apply(
-        self,
-        work: dict[str, list[Event]],
-        plan: Plan,
-        busy: Container[str],
-        outcome: BatchOutcome,
-        meanwhile: Callable[[], None],
-        token: str,
-    ) -> Generator[Round, list[Any], dict[str, list[Event]]]:
-        """Run the fenced apply script for every locked counter (the plan may also carry
-        ``busy`` ones, which it refuses); return, per counter, the entries to acknowledge
-        (applied now, or found already applied). When every write of the first call is
-        done as planned, that is the work itself (the same object)."""
-        most = self.s.max_deliveries
-        rounds, followers, call, lanes = plan
-        acked: dict[str, list[Event]] = defaultdict(list)
-        first = True
-        while rounds:
-            (raw,) = yield Round("apply", [call], meanwhile if first else None)
-            if first and not followers and _as_planned(raw, rounds, busy):
-                outcome.applied += sum(len(items) for items in work.values())
-                return work  # every write done as planned: acknowledge all of the work
-            first = False
-            next_rounds: list[Group] = []
-            for (name, items, probe), result in zip(
-                rounds, counters.parse_apply(raw, len(rounds)), strict=True
-            ):
-                if name in busy:
-                    continue  # refused, as planned: the caller tries them again later
-                if result.outcome is counters.Outcome.APPLIED:
-                    acked[name] += items
-                    outcome.applied += len(items)
-                elif result.outcome is counters.Outcome.LOCK_LOST:
-                    self.log.warning(
-                        "lock lost before the write: write refused, entries kept for a retry",
-                        counter=name,
-                        entries=len(items),
-                    )
-                    self.stats.lock_lost += len(items)
-                    outcome.lost += items
-                elif result.outcome is counters.Outcome.ALREADY_APPLIED:
-                    skipped = set(result.skipped)
-                    acked[name] += [items[i] for i in skipped]
-                    outcome.duplicates += len(skipped)
-                    rest = [h for i, h in enumerate(items) if i not in skipped]
-                    if rest:
-                        next_rounds.append(Group(name, rest, probe))
-                elif result.outcome is counters.Outcome.NOT_APPLIED:
-                    outcome.failed += [
-                        (h, f"delivered {h.deliveries} times, more than MAX_DELIVERIES={most}")
-                        for h in items
-                    ]
-                elif result.transient:
-                    # Redis refuses writes for now (OOM, ...): not the entries' fault. Keep
-                    # them, finish this batch's acks and releases, then back off.
-                    outcome.lost += items
-                    outcome.refused = result.error
-                elif len(items) == 1:
-                    self.stats.write_failures += 1
-                    outcome.failed.append((items[0], result.error))
-                else:  # the sum failed: try each entry on its own
-                    next_rounds += [Group(name, [h], probe) for h in items]
-            rounds = next_rounds
-            if rounds:
-                call = counters.apply_call(
-                    self.stream_key, token, rounds, self.s.dedupe_window_ms, lanes
-                )
-
-        for items in list(acked.values()):
-            for h in list(items):
-                extra = followers.pop(h.entry_id, [])
-                items += extra
-                outcome.duplicates += len(extra)
-        for extra in followers.values():
-            # Their first occurrence is not done: retry them with it (a busy counter's
-            # followers are already among the busy ones).
-            outcome.lost += [h for h in extra if h.counter not in busy]
-        return acked
-
-    def _ack_release(
-        self,
-        acked: dict[str, list[Event]],
-        held: list[str],
-        partial: list[str],
-        lanes: dict[str, list[str]],
-        token: str,
-    ) -> Round:
-        """XACK, then per locked counter clear the acknowledged entries' markers and release
-        its lanes, in one round trip (Redis runs it in order: markers go only after the
-        XACK). Busy counters of which we took some lanes (``partial``) release those."""
-        ack_ids = [h.entry_id for items in acked.values() for h in items]
-        calls = (
-            [Call.command("XACK", self.s.stream, self.s.group, *ack_ids).packed()]
-            if ack_ids
-            else []
-        )
-        releases = [(n, lanes[n], [h.entry_id for h in acked.get(n, ())]) for n in held]
-        releases += [(n, lanes[n], []) for n in partial]
-        finish = counters.finish_call(self.stream_key, token, releases, self.s.lock_ttl_ms)
-        calls.append(finish.packed())
-        return Round("ack_release", calls, acked=releases)
-
-
-class Plan(NamedTuple):
-    rounds: list[Group]
-    followers: dict[bytes, list[Event]]
-    call: Call
-    lanes: dict[str, list[str]]
-
-
-QUEUED_MAX = 10_000
-"""Bound on the lanes remembered as waited for: a waiter key lives WAITER_TTL_MS anyway."""
-
-MAX_ROUND = 1000
+MAX_WRITE = 1000
 """Events of one counter in one script call: Lua unpacks at most ~8,000 values into one
 command, and a call's markers are 2 per event (entry id, event_id) plus their scores."""
 
 
-def _as_planned(raw: object, rounds: list[Group], busy: Container[str]) -> bool:
-    """Every counter applied (reply 1), but the busy ones, refused by fencing (reply 0)."""
+class Protocol:
+    """What every batch of one replica shares: names, settings, lock tokens, turns."""
+
+    def __init__(self, settings: Settings, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.s = settings
+        self.me = settings.consumer
+        self.stream_key = settings.stream.encode()
+        self.locks = Locks(settings.lock_ttl_ms)
+        self.turns = Turns()
+        self.log = log
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one batch did, and what it gives back."""
+
+    read: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    applied: int = 0
+    duplicates: int = 0
+    busy: list[Entry] = field(default_factory=list)
+    """Their counter's lanes were busy: not tried."""
+    busy_counters: int = 0
+    lost: list[Entry] = field(default_factory=list)
+    """Not written: a lane was lost, or Redis refused the write for now (``refused``)."""
+    held: list[Entry] = field(default_factory=list)
+    """Delivered again since they were read: to hold before applying (rule D)."""
+    failed: list[tuple[Entry, str]] = field(default_factory=list)
+    """The write failed (Redis' error); left pending for a retry."""
+    dead_lettered: list[Rejected] = field(default_factory=list)
+    deleted: list[bytes] = field(default_factory=list)
+    """Pending entries found deleted from the stream: off the pending list, not applied."""
+    lock_lost: int = 0
+    """Entries whose write fencing refused (a lane expired before it)."""
+    write_failures: int = 0
+    refused: str = ""
+    """A transient Redis error that refused a write (e.g. OOM): back off after the batch."""
+    error: Exception | None = None
+    """An error reply of the finish round, to raise once the outcome is counted."""
+    lock_wait_ms: float = 0.0
+
+
+class Parsed(NamedTuple):
+    entries: list[Entry]
+    rejected: list[Rejected]
+    gone: list[bytes]
+    """Pending entries of ours deleted from the stream: nothing to apply."""
+
+
+def parse(deliveries: Sequence[Delivery]) -> Parsed:
+    """Stage parse: deliveries -> entries, the invalid ones (to dead-letter), the deleted;
+    each entry once."""
+    parsed = Parsed([], [], [])
+    seen: set[bytes] = set()
+    for d in deliveries:
+        if d.entry_id in seen:
+            continue  # once is enough: applying an entry twice in one call counts it twice
+        seen.add(d.entry_id)
+        if d.fields is None:
+            parsed.gone.append(d.entry_id)
+            continue
+        try:
+            event = events.parse(d.entry_id, d.fields)
+        except InvalidEvent as exc:
+            parsed.rejected.append(Rejected(d.entry_id, d.fields, exc.reason))
+        else:
+            parsed.entries.append(Entry(event, d.deliveries, d.owner))
+    return parsed
+
+
+def parse_new(reply: Any) -> Parsed:
+    """``parse`` of a read of new entries (XREADGROUP >): each delivered once, no owner."""
+    if not reply:
+        return Parsed([], [], [])
+    entries: list[Entry] = []
+    rejected: list[Rejected] = []
+    for entry_id, fields in reply[0][1]:
+        try:
+            entries.append(Entry(events.parse(entry_id, fields), 1))
+        except InvalidEvent as exc:
+            rejected.append(Rejected(entry_id, fields, exc.reason))
+    return Parsed(entries, rejected, [])
+
+
+# -- the stages: values in, values out ---------------------------------------------------
+
+
+def take_lanes(
+    p: Protocol, lanes: Lanes, others: Lanes, token: str, count: int
+) -> tuple[Round, list[str]]:
+    """Stage take lanes: the lock call for every lane, then the confirm (XPENDING); and
+    the lane keys in the lock call's order."""
+    keys, waiters = p.turns.order(lanes, others, p.me)
+    lock = p.locks.acquire_call(keys, token, waiters=waiters, me=p.me).packed()
+    confirm = stream.confirm_call(p.s.stream, p.s.group, p.me, count)
+    return Round("take_lanes", [lock, confirm]), keys
+
+
+class Taken(NamedTuple):
+    locked: list[str]
+    """Counters whose every lane we took."""
+    busy: list[str]
+    partial: list[str]
+    """Busy counters of which we took some lanes: released at the finish."""
+
+
+def lanes_taken(p: Protocol, keys: Sequence[str], reply: list[int], lanes: Lanes) -> Taken:
+    if reply.count(1) == len(reply):
+        p.turns.taken(keys, None)
+        return Taken(list(lanes), [], [])
+    got = {k for k, ok in zip(keys, reply, strict=True) if ok == 1}
+    p.turns.taken(keys, got)
+    taken = Taken([], [], [])
+    for name, its in lanes.items():
+        (taken.locked if all(k in got for k in its) else taken.busy).append(name)
+        if name in taken.busy and any(k in got for k in its):
+            taken.partial.append(name)
+    return taken
+
+
+def still_ours(
+    by_counter: Mapping[str, list[Entry]], pending: Mapping[bytes, int]
+) -> tuple[dict[str, list[Entry]], list[Entry], list[bytes]]:
+    """Stage confirm: of each counter's entries, those still pending for us as we read them;
+    those delivered again since (claimed away and back: to hold, rule D); the ids no longer
+    pending (finished by another replica, or deleted)."""
+    ours: dict[str, list[Entry]] = {}
+    again: list[Entry] = []
+    missing: list[bytes] = []
+    for name, items in by_counter.items():
+        kept = ours[name] = []
+        for e in items:
+            times = pending.get(e.entry_id)
+            if times is None:
+                missing.append(e.entry_id)
+            elif times > e.deliveries:
+                again.append(e._replace(deliveries=times))
+            else:
+                kept.append(e)
+    return ours, again, missing
+
+
+class Plan(NamedTuple):
+    """The writes of one apply call, and the events that ride on one of them."""
+
+    writes: list[Write]
+    followers: dict[bytes, list[Entry]]
+    """A repeated event_id within the batch: entry id of its first occurrence -> the rest."""
+    call: Call
+
+
+def plan_writes(p: Protocol, work: Mapping[str, list[Entry]], token: str, lanes: Lanes) -> Plan:
+    """Stage write, its call. An entry delivered more than MAX_DELIVERIES times is only
+    probed: applied already (its replica died before the XACK), it is acknowledged, else
+    dead-lettered."""
+    most = p.s.max_deliveries
+    followers: dict[bytes, list[Entry]] = defaultdict(list)
+    writes: list[Write] = []
+    for name, items in work.items():
+        if len(items) == 1 and items[0].deliveries <= most:
+            writes.append(Write(name, [items[0].event]))  # the common case, many counters
+            continue
+        if all(e.event.event_id is None and e.deliveries <= most for e in items):
+            writes += _chunks(name, [e.event for e in items], False)  # the common case
+            continue
+        first_of: dict[bytes, bytes] = {}
+        fresh: list[Event] = []
+        worn: list[Event] = []
+        for e in items:
+            key = e.event.event_id
+            if key is not None and key in first_of:
+                followers[first_of[key]].append(e)
+                continue
+            if key is not None:
+                first_of[key] = e.entry_id
+            (worn if e.deliveries > most else fresh).append(e.event)
+        writes += _chunks(name, fresh, False) + _chunks(name, worn, True)
+    return Plan(writes, followers, _apply_call(p, token, writes, lanes))
+
+
+def _apply_call(p: Protocol, token: str, writes: list[Write], lanes: Lanes) -> Call:
+    return counters.apply_call(p.stream_key, token, writes, p.s.dedupe_window_ms, lanes).packed()
+
+
+def _chunks(name: str, items: list[Event], probe: bool) -> list[Write]:
+    return [Write(name, items[i : i + MAX_WRITE], probe) for i in range(0, len(items), MAX_WRITE)]
+
+
+def as_planned(raw: object, writes: list[Write], busy: Container[str]) -> bool:
+    """Every counter written (reply 1), but the busy ones, refused by fencing (reply 0)."""
     if not isinstance(raw, list):
         return False
     if raw.count(1) == len(raw):
         return True
     return bool(busy) and all(
-        x == 1 or (x == 0 and g.name in busy) for x, g in zip(raw, rounds, strict=True)
+        x == 1 or (x == 0 and w.name in busy) for x, w in zip(raw, writes, strict=True)
     )
 
 
-def _chunks(name: str, items: list[Event], probe: bool) -> list[Group]:
-    return [Group(name, items[i : i + MAX_ROUND], probe) for i in range(0, len(items), MAX_ROUND)]
+def judge_writes(
+    p: Protocol,
+    raw: object,
+    writes: list[Write],
+    entries: Mapping[bytes, Entry],
+    busy: Container[str],
+    acked: dict[str, list[Entry]],
+    outcome: Outcome,
+) -> list[Write]:
+    """Stage write, its reply: what was written or found written goes to ``acked``; returns
+    the writes to try again (a failed sum's entries one by one; those found written, the
+    rest). Entries delivered MAX_DELIVERIES times whose write failed are dead-lettered."""
+    again: list[Write] = []
+    most = p.s.max_deliveries
+    for write, result in zip(writes, counters.parse_apply(raw, len(writes)), strict=True):
+        name, ids = write.name, [e.entry_id for e in write.events]
+        if name in busy:
+            continue  # refused, as planned: its entries are given back busy
+        items = [entries[i] for i in ids]
+        if result.outcome is Written.APPLIED:
+            acked[name] += items
+            outcome.applied += len(items)
+        elif result.outcome is Written.LOCK_LOST:
+            p.log.warning(
+                "lock lost before the write: write refused, entries kept for a retry",
+                counter=name,
+                entries=len(items),
+            )
+            outcome.lost += items
+            outcome.lock_lost += len(items)
+        elif result.outcome is Written.ALREADY_APPLIED:
+            skipped = set(result.skipped)
+            acked[name] += [items[i] for i in skipped]
+            outcome.duplicates += len(skipped)
+            rest = [e.event for i, e in enumerate(items) if i not in skipped]
+            if rest:
+                again.append(Write(name, rest, write.probe))
+        elif result.outcome is Written.NOT_APPLIED:
+            reason = "delivered {} times, more than MAX_DELIVERIES=" + str(most)
+            outcome.failed += [(e, reason.format(e.deliveries)) for e in items]
+        elif result.transient:
+            # Redis refuses writes for now (OOM, ...): not the entries' fault. Keep them,
+            # finish the batch, then back off.
+            outcome.lost += items
+            outcome.refused = result.error
+        elif len(items) == 1:
+            outcome.write_failures += 1
+            outcome.failed.append((items[0], result.error))
+        else:  # the sum failed: try each entry on its own
+            again += [Write(name, [e], write.probe) for e in write.events]
+    return again
+
+
+def worn_out(p: Protocol, outcome: Outcome) -> list[Rejected]:
+    """Failed entries delivered MAX_DELIVERIES times: to dead-letter with Redis' error
+    (their fields copied from the stream by deadletter.lua); the others stay in
+    ``failed``, pending, for a retry after CLAIM_IDLE_MS."""
+    most = p.s.max_deliveries
+    worn = [Rejected(e.entry_id, None, why) for e, why in outcome.failed if e.deliveries >= most]
+    outcome.failed = [(e, why) for e, why in outcome.failed if e.deliveries < most]
+    return worn
+
+
+class Finish(NamedTuple):
+    round: Round
+    acks: bool
+    """Whether it starts with an XACK of what was written."""
+    releases: list[str]
+    """The counters whose lanes the finish script releases, in its order."""
+    dead: list[Rejected]
+
+
+def finish(
+    p: Protocol,
+    token: str,
+    acked: Mapping[str, list[Entry]],
+    released: Sequence[str],
+    lanes: Lanes,
+    dead: list[Rejected],
+    gone: list[bytes],
+) -> Finish:
+    """Stage finish: XACK, then per counter release its lanes and remove (or cut short) the
+    markers of its acknowledged entries, then dead-letter, then XACK the deleted entries."""
+    s = p.s
+    calls: list[Call] = []
+    ack_ids = [e.entry_id for items in acked.values() for e in items]
+    if ack_ids:
+        calls.append(Call.command("XACK", s.stream, s.group, *ack_ids).packed())
+    releases = [(n, lanes[n], [e.entry_id for e in acked.get(n, ())]) for n in released]
+    if releases:
+        calls.append(counters.finish_call(p.stream_key, token, releases, s.lock_ttl_ms).packed())
+    if dead:
+        calls.append(deadletter.dead_letter_call(s.stream, s.dead_letter, s.group, p.me, dead))
+    if gone:
+        calls.append(Call.command("XACK", s.stream, s.group, *gone))
+    return Finish(Round("finish", calls, acked=releases), bool(ack_ids), list(released), dead)
+
+
+def judge_finish(
+    p: Protocol, replies: list[Any], done: Finish, acked: Mapping[str, list[Entry]]
+) -> tuple[list[Rejected], Exception | None]:
+    """Stage finish, its replies: the entries dead-lettered, and the first error, if any."""
+    error = next((r for r in replies if isinstance(r, Exception)), None)
+    at = int(done.acks)
+    if done.releases and not isinstance(replies[at], Exception):
+        for name, reply in zip(done.releases, replies[at], strict=True):
+            if isinstance(reply, bytes):  # an error text: e.g. the markers key's type
+                p.log.warning("could not release a counter", counter=name, error=reply.decode())
+            elif reply == 0 and acked.get(name):
+                p.log.warning(
+                    "lock lane lost before the finish: entry markers expire one lock TTL later",
+                    counter=name,
+                    entries=len(acked[name]),
+                )
+    at += bool(done.releases)
+    moved: set[bytes] = set()
+    if done.dead and not isinstance(replies[at], Exception):
+        moved = {bytes(i) for i in replies[at]}
+    return [r for r in done.dead if r.entry_id in moved], error
+
+
+# -- one batch: the stages strung together -----------------------------------------------
+
+
+class Stage(Enum):
+    TAKE_LANES = "take_lanes"
+    CONFIRM = "confirm"
+    WRITE = "write"
+    FINISH = "finish"
+    DONE = "done"
+
+
+class Batch:
+    """One batch's way through the stages. The driver sends ``round``, may call ``prepare``
+    while Redis runs it, and gives the replies to ``advance``; ``outcome`` is final once
+    ``stage`` is DONE. Errors of the stages before the finish are raised (nothing was
+    acknowledged; the locks expire by TTL)."""
+
+    def __init__(self, p: Protocol, parsed: Parsed, read: int) -> None:
+        self.p = p
+        self.outcome = Outcome(read=read)
+        self.entries = parsed.entries
+        self.rejected = parsed.rejected
+        self.gone = parsed.gone
+        self.outcome.deleted += parsed.gone
+        self.token = p.locks.tokens.next()
+        self.by_counter: dict[str, list[Entry]] = {}
+        for e in parsed.entries:
+            self.by_counter.setdefault(e.event.counter, []).append(e)
+        self.lanes, others = lanes_of(self.by_counter, p.me)
+        self.taken = Taken([], [], [])
+        self.acked: dict[str, list[Entry]] = defaultdict(list)
+        self.work: dict[str, list[Entry]] = {}
+        self.plan: Plan | None = None
+        self._guess: Plan | Finish | None = None
+        self._pending: dict[bytes, int] = {}
+        self._count = len(self.entries) + 1000
+        self._writes = 0
+        if self.entries:
+            self.stage = Stage.TAKE_LANES
+            self.round, self.keys = take_lanes(p, self.lanes, others, self.token, self._count)
+        else:
+            self._to_finish([])
+
+    @property
+    def done(self) -> bool:
+        return self.stage is Stage.DONE
+
+    def prepare(self) -> None:
+        """While Redis runs ``round``: build the next round as if all goes well."""
+        if self.stage is Stage.TAKE_LANES:
+            self._guess = plan_writes(self.p, self.by_counter, self.token, self.lanes)
+        elif self.stage is Stage.WRITE and self._writes == 0:
+            acked = {n: items for n, items in self.work.items() if n not in self.taken.busy}
+            self._guess = self._finish(acked, [])
+
+    def advance(self, replies: list[Any]) -> None:
+        if self.stage is Stage.TAKE_LANES:
+            self._after_take_lanes(replies)
+        elif self.stage is Stage.CONFIRM:
+            kept = stream.parse_claim_own(replies)
+            self._pending.update(kept.counts)
+            self.outcome.deleted += kept.deleted  # off the pending list: dropped
+            self._after_confirm()
+        elif self.stage is Stage.WRITE:
+            self._after_write(replies[0])
+        elif self.stage is Stage.FINISH:
+            assert isinstance(self._guess, Finish)
+            dead, self.outcome.error = judge_finish(self.p, replies, self._guess, self.acked)
+            self.outcome.dead_lettered = dead
+            self.stage = Stage.DONE
+
+    def _after_take_lanes(self, replies: list[Any]) -> None:
+        taken, confirmed = replies
+        for reply in (taken, confirmed):
+            if isinstance(reply, Exception):
+                raise reply
+        self.taken = lanes_taken(self.p, self.keys, taken, self.lanes)
+        self.outcome.busy_counters = len(self.taken.busy)
+        self._pending = {entry[0]: entry[3] for entry in confirmed}
+        if len(confirmed) == self._count:  # our pending list is longer: ask by id
+            unseen = [e.entry_id for e in self.entries if e.entry_id not in self._pending]
+            if unseen:
+                s = self.p.s
+                calls = stream.claim_own_calls(s.stream, s.group, self.p.me, unseen)
+                self.stage, self.round = Stage.CONFIRM, Round("confirm", calls)
+                return
+        self._after_confirm()
+
+    def _after_confirm(self) -> None:
+        locked, busy = self.taken.locked, self.taken.busy
+        ours, again, missing = still_ours(self.by_counter, self._pending)
+        self.outcome.held += again
+        self.outcome.busy += (e for n in busy for e in ours[n])
+        guess = self._guess
+        if not missing and not again and isinstance(guess, Plan) and locked:
+            # As guessed, but for busy counters: they stay in the call, and fencing refuses
+            # them (our token does not hold all their lanes): cheaper than a new call.
+            self.work, self.plan = {n: ours[n] for n in locked}, guess
+        else:
+            self.work = {n: ours[n] for n in locked if ours[n]}
+            self.plan = plan_writes(self.p, self.work, self.token, self.lanes) if locked else None
+            deleted = set(self.outcome.deleted)
+            dropped = [i for i in missing if i not in deleted]
+            if dropped:
+                self.p.log.info(
+                    "entries no longer pending were dropped: acknowledged by another replica, "
+                    "or deleted from the stream",
+                    count=len(dropped),
+                    ids=[i.decode() for i in dropped[:10]],
+                )
+        self._guess = None
+        if self.plan is None or not self.plan.writes:
+            self._to_finish([])
+        else:
+            self.stage, self.round = Stage.WRITE, Round("write", [self.plan.call])
+
+    def _after_write(self, raw: object) -> None:
+        assert self.plan is not None
+        busy = self.taken.busy
+        guess, self._guess = self._guess, None
+        self._writes += 1
+        if (
+            isinstance(guess, Finish)
+            and not self.plan.followers
+            and as_planned(raw, self.plan.writes, busy)
+        ):
+            self.outcome.applied += sum(len(items) for items in self.work.values())
+            self.acked = defaultdict(list, self.work)
+            self.stage, self.round, self._guess = Stage.FINISH, guess.round, guess
+            return
+        entries = {e.entry_id: e for items in self.work.values() for e in items}
+        again = judge_writes(self.p, raw, self.plan.writes, entries, busy, self.acked, self.outcome)
+        if again:
+            call = _apply_call(self.p, self.token, again, self.lanes)
+            self.plan = Plan(again, self.plan.followers, call)
+            self.round = Round("write", [call])
+            return
+        self._ride_along(self.plan.followers)
+        self._to_finish(worn_out(self.p, self.outcome))
+
+    def _ride_along(self, followers: dict[bytes, list[Entry]]) -> None:
+        """Entries that repeat an event_id of the batch share their first one's fate."""
+        for items in list(self.acked.values()):
+            for e in list(items):
+                extra = followers.pop(e.entry_id, [])
+                items += extra
+                self.outcome.duplicates += len(extra)
+        for extra in followers.values():
+            # Their first one was not written: retry them with it (a busy counter's
+            # followers are given back busy already).
+            self.outcome.lost += (e for e in extra if e.event.counter not in self.taken.busy)
+
+    def _to_finish(self, worn: list[Rejected]) -> None:
+        done = self._finish(self.acked, worn)
+        self.stage, self.round, self._guess = Stage.FINISH, done.round, done
+        if not done.round.calls:
+            self.stage = Stage.DONE
+
+    def _finish(self, acked: Mapping[str, list[Entry]], worn: list[Rejected]) -> Finish:
+        released = self.taken.locked + self.taken.partial
+        return finish(
+            self.p, self.token, acked, released, self.lanes, self.rejected + worn, self.gone
+        )

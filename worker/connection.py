@@ -8,7 +8,6 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.retry import Retry
 
 from config import Settings
-from worker import scripts
 from worker.errors import EvictingRedis, GroupDeleted, RedisUnsupported
 
 MIN_VERSION = (7, 0)
@@ -132,7 +131,7 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> bool:
             f"whole stream from the start"
         )
     try:
-        scripts.command(client, "XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
+        client.xgroup_create(stream, group, id="0", mkstream=True)
         created = True
     except ResponseError as exc:
         message = str(exc)

@@ -1,14 +1,14 @@
-"""The worker loop: reclaim, read, dead-letter, apply (``batch``), back off, shut down.
+"""The worker loop: upkeep, then one batch and those that follow it; back off; shut down.
 
-Each turn: when due (each reclaim interval), a check that Redis cannot evict keys and a
-page of the reclaim sweep (entries idle for CLAIM_IDLE_MS, any consumer's); a little of the
-search for the markers of entries found deleted, if any; then a read: first this consumer's
-own pending list (after a start or an error), then new entries (XREADGROUP >, blocking at
-most BLOCK_MS, less when something in hand is due). Each batch is parsed; invalid entries
-and entries delivered more than MAX_DELIVERIES times go to the dead-letter stream (atomic
-with their XACK); the rest go through ``batch.BatchApplier``. Entries whose lock stayed
-busy, or whose lock was lost, are kept in hand for the next turn, and claimed ours again
-every CLAIM_IDLE_MS / 3 so that they never look idle to other replicas.
+Each turn: when due, a check that Redis cannot evict keys (each reclaim interval), the
+settling of acknowledgements whose reply was lost, a little of the search for the markers of
+entries found deleted, and the keep-ours claim of what is in hand. Then the turn's first
+batch: a page of our own pending list (after a start or an error), else a page of the
+reclaim sweep when due (entries idle for CLAIM_IDLE_MS, any consumer's), else new entries
+(XREADGROUP >, blocking at most BLOCK_MS, less when something in hand is due); with it,
+what in hand may be applied now. ``driver`` takes it through the stages of ``batch``, and
+the new entries after it; each batch's outcome comes back here (``_conclude``): entries
+given back are kept in hand (``hand``), the rest is counted and logged.
 
 A crash anywhere leaves entries pending; the markers make their redelivery a no-op.
 Connection errors and transient Redis errors (OOM, LOADING, READONLY...) drop what is in
@@ -30,15 +30,14 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Settings
-from worker import counters, deadletter, events, scripts, stream
+from worker import counters, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import BatchApplier
+from worker.batch import Outcome, Protocol, parse
 from worker.connection import check_no_eviction, ensure_group, is_transient
-from worker.deadletter import Rejected
 from worker.deleted import DeletedEntries, Verdict
-from worker.errors import EvictingRedis, GroupDeleted, InvalidEvent
-from worker.events import Event
-from worker.flow import Flow, Job
+from worker.driver import Driver
+from worker.errors import EvictingRedis, GroupDeleted
+from worker.hand import Entry, Hand
 from worker.lanes import settle_s
 from worker.outcome import Stats
 from worker.reclaim import Reclaimer
@@ -60,36 +59,20 @@ class Consumer:
         self.s = settings
         self.log = log
         self.stopping = stopping
+        self.stats = Stats()
+        self.hand = Hand(settings.claim_idle_ms)
         self.reclaimer = Reclaimer(
             client, settings.stream, settings.group, settings.consumer, settings.claim_idle_ms
         )
-        self.stats = Stats()
         self.deleted = DeletedEntries(client, settings.stream, settings.lock_ttl_ms)
-        """Pending entries deleted from the stream: were they counted? (one page a turn)"""
+        """Pending entries deleted from the stream: were they counted? (a little a turn)"""
         self.pipe = Pipe(client)
-        self.applier = BatchApplier(client, settings, log, self.stats, stopping, self.pipe)
-        self.flow = Flow(
-            self.pipe,
-            self.applier,
-            stream.read_call(
-                settings.stream, settings.group, settings.consumer, settings.batch_size, None
-            ),
-            self.prepare,
-            self.conclude,
-            keep_reading=lambda: not self.stopping() and not self.reclaimer.due(),
-            clean=lambda: not self._deferred,
-        )
-        self._deferred: list[Event] = []
-        self._held: list[Event] = []
-        """Entries not to apply before their ``not_before`` (kept in hand, still pending)."""
-        self._claim_now = False
-        """Claim what is in hand on the next keep-ours check, not CLAIM_IDLE_MS / 3 later."""
+        self.driver = Driver(self.pipe, Protocol(settings, log), settings)
         self._backlog: bytes | None = b"0-0"  # first read our own pending entries
         self._backlog_is_redelivery = True  # at start: our name's predecessor died
         self._connection_failures = 0
         self._stalled = 0
         self._rng = random.Random()
-        self._deferred_since: float | None = None
         self._next_server_check = 0.0
         """When to check Redis' maxmemory-policy again (each reclaim interval)."""
         self._lost_acks: dict[str, set[bytes]] = {}
@@ -106,18 +89,18 @@ class Consumer:
                 if not group_ready:
                     ensure_group(self.client, self.s.stream, self.s.group)
                     group_ready = True
-                self.step()
+                self.turn()
                 if self._connection_failures:
                     self.log.info("redis reachable again", after_failures=self._connection_failures)
                     self._connection_failures = 0
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 self._on_unavailable(exc)
             except GroupDeleted as exc:
-                self._reset_after_error()
+                self.start_over()
                 self.log.error("consumer group deleted; waiting for an operator", error=str(exc))
                 sleep_unless(self.stopping, 5.0)
             except EvictingRedis as exc:
-                self._reset_after_error()
+                self.start_over()
                 self.log.error("redis may evict keys; not applying until it cannot", error=str(exc))
                 sleep_unless(self.stopping, min(5.0, self.reclaimer.interval))
             except ResponseError as exc:
@@ -125,36 +108,69 @@ class Consumer:
                     self._on_unavailable(exc)
                 elif str(exc).startswith("NOGROUP"):
                     self.log.warning("consumer group missing", error=str(exc))
-                    self._reset_after_error()
+                    self.start_over()
                     group_ready = False
                 else:
                     raise
             if time.monotonic() - last_report >= 10:
                 last_report = time.monotonic()
                 self.log.info("progress", **self.stats.as_dict())
-        self._hand_back()
+        self.hand_back()
 
-    def step(self) -> None:
-        """One turn: a reclaim page when due, then a read, each processed in full."""
-        s = self.s
+    def turn(self) -> None:
+        """One turn: upkeep when due, then the turn's first batch and those after it."""
+        self._upkeep()
+        deliveries, hold, more = self._deliveries()
+        parsed = parse(deliveries)
+        if hold:
+            self._hold([e for e in parsed.entries if e.entry_id in hold])
+            parsed = parsed._replace(entries=[e for e in parsed.entries if e.entry_id not in hold])
+            self._keep_ours()  # at once: our backlog may have been idle through an outage
+        parsed.entries.extend(self.hand.take_ready(time.monotonic()))
+        if not (parsed.entries or parsed.rejected or parsed.gone):
+            return
+        progress = 0
+        refused = ""
+        outcomes = self.driver.drive(
+            parsed,
+            read=len(deliveries),
+            more=more,
+            until=self.reclaimer.next_sweep,
+            stopping=self.stopping,
+        )
+        for outcome in outcomes:
+            self._conclude(outcome)
+            progress += outcome.applied + outcome.duplicates + len(outcome.dead_lettered)
+            progress += len(outcome.failed)
+            refused = refused or outcome.refused
+            if outcome.error is not None:
+                raise outcome.error
+        if refused:
+            raise ResponseError(refused)
+        self._stall_unless(progress)
+
+    def _upkeep(self) -> None:
+        """What is due before the next batch: the eviction check (it raises EvictingRedis,
+        and the loop waits), lost acknowledgements, the deleted entries' search, the
+        keep-ours claim."""
         if time.monotonic() >= self._next_server_check:
-            check_no_eviction(self.client)  # raises EvictingRedis: the loop waits
+            check_no_eviction(self.client)
             self._next_server_check = time.monotonic() + self.reclaimer.interval
         if self._lost_acks:
             self._settle_lost_acks()
         if self.deleted.busy():
             self._report(self._search_deleted())
-        if self._held:
-            self._keep_deferred_ours()  # also while the stream is idle and nothing concludes
-            now = time.monotonic()
-            ready = [e for e in self._held if e.not_before <= now]
-            if ready:
-                self._held = [e for e in self._held if e.not_before > now]
-                self._deferred += ready
-        room = s.batch_size - len(self._deferred)
-        # Our own pending list first (after a start or an error): XAUTOCLAIM would count
-        # our own entries as redelivered.
-        if self._backlog is None and self.reclaimer.due() and room > 0:
+        self._keep_ours()
+
+    def _deliveries(self) -> tuple[list[Delivery], Container[bytes], bool]:
+        """The turn's first deliveries: our backlog, else a reclaim page when due, else new
+        entries. With them, the ids to hold, and whether new entries may follow."""
+        room = self.s.batch_size - len(self.hand)
+        if self._backlog is not None:
+            backlog, unknown = self._read_backlog()
+            if backlog:
+                return backlog, unknown, False
+        if self.reclaimer.due() and room > 0:
             result = self.reclaimer.claim(room)
             self._forget_deleted(result.deleted)
             if result.pruned:
@@ -162,148 +178,15 @@ class Consumer:
                     "removed idle consumers with nothing pending from the group",
                     consumers=[c.decode(errors="replace") for c in result.pruned],
                 )
-            in_hand = {h.entry_id: h for h in (*self._deferred, *self._held)}
-            for d in result.claimed:
-                event = in_hand.get(d.entry_id)
-                if event is not None:  # claimed back while in hand: it is now theirs to lock
-                    event.owner, event.deliveries = d.owner, d.deliveries
-            claimed = [d for d in result.claimed if d.entry_id not in in_hand]
+            claimed = self.hand.claimed(result.claimed)  # those in hand: now theirs to lock
             if claimed:
                 self.stats.reclaimed += len(claimed)
                 self.log.info("claimed idle entries", count=len(claimed))
-                self.process(claimed)
-                room = self.s.batch_size - len(self._deferred)
-        if room > 0 and self._backlog is None and not self._deferred:
-            # The common case: new entries, nothing kept in hand. Batches back to back.
-            block = self._block_ms()
-            batch = stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
-            refused = self.flow.run(batch) if batch else ""
-            if refused:
-                raise ResponseError(refused)
-            return
-        if self._backlog is not None:
-            backlog, unknown = self._read_backlog()
-            if backlog:
-                self.process(backlog, hold=unknown)
-                return
-        self.process(self._read(room) if room > 0 else [])
-
-    def _read_backlog(self) -> tuple[list[Delivery], set[bytes]]:
-        """A page of our own pending list (after a start or an error), and the ids among it
-        whose past owners we do not know: delivered more than once before this read, they
-        may have been claimed to our name (by an earlier process of it, or by a claim whose
-        reply was lost) from a replica that still holds its lane. Those are held for
-        LOCK_TTL_MS (``process``), by when its lock has expired. An entry delivered once was
-        only ever pending for our name: our lane covers it. Held entries do not use up the
-        batch's room, so the whole backlog is read at once and waits once."""
+                return claimed, (), not self.reclaimer.due()
+        block = None if self.hand.any_ready(time.monotonic()) else self._block_ms()
         s = self.s
-        assert self._backlog is not None
-        read, once = stream.refetch_own_pending, 1
-        if self._backlog_is_redelivery:
-            read, once = stream.read_own_pending, 2  # this read counted one more delivery
-        batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, s.batch_size)
-        if batch:
-            self._backlog = batch[-1].entry_id
-        else:
-            self._backlog = None
-        return batch, {d.entry_id for d in batch if d.deliveries > once}
-
-    def _read(self, room: int) -> list[Delivery]:
-        s = self.s
-        block = None if self._deferred else self._block_ms()
-        return stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
-
-    def _block_ms(self) -> int:
-        """BLOCK_MS, or less: until the next reclaim sweep, the first held entry is due or
-        the entries in hand must be claimed ours again (else they would look idle)."""
-        wake = [self.reclaimer.next_sweep]
-        if self.deleted.busy():
-            wake.append(0.0)  # the search goes on a little each turn
-        keep = self._keep_ours_due()
-        if keep is not None:
-            wake.append(keep)
-        wake += (e.not_before for e in self._held)
-        due = min(wake) - time.monotonic()
-        return max(1, min(self.s.block_ms, int(due * 1000) + 1))
-
-    # -- one batch -----------------------------------------------------------------------
-
-    def process(self, batch: list[Delivery], *, hold: Container[bytes] = ()) -> None:
-        """One batch on its own (claimed entries, our backlog, entries kept in hand). The
-        entries of ``hold`` wait LOCK_TTL_MS from now (``_read_backlog``)."""
-        job = self.prepare(batch, with_deferred=True)
-        if hold:
-            self._hold([e for e in job.valid if e.entry_id in hold])
-            job.valid = [e for e in job.valid if e.entry_id not in hold]
-        if job.valid:
-            job.outcome = self.applier.apply_all(job.valid)
-        refused = self.conclude(job)
-        if refused:
-            raise ResponseError(refused)
-
-    def prepare(self, batch: list[Delivery], *, with_deferred: bool = False) -> Job:
-        """Parse a batch: its valid events (after the ones kept in hand, if asked) and the
-        entries to dead-letter."""
-        job = Job(batch, time.perf_counter())
-        if with_deferred:
-            job.valid, self._deferred = self._deferred, []
-        valid, rejected = job.valid, job.rejected
-        in_hand = {e.entry_id for e in valid}
-        if self._held:
-            in_hand.update(e.entry_id for e in self._held)
-        for item in batch:
-            if item.entry_id in in_hand:
-                continue  # already in hand (claimed and read again): once is enough
-            in_hand.add(item.entry_id)
-            if item.fields is None:
-                job.gone.append(item.entry_id)  # deleted from the stream while pending
-            else:  # valid entries delivered too often are probed, then dead-lettered (batch)
-                try:
-                    event = events.parse(item.entry_id, item.fields)
-                    event.deliveries = item.deliveries
-                    event.owner = item.owner
-                    valid.append(event)
-                except InvalidEvent as exc:
-                    rejected.append(Rejected(item.entry_id, item.fields, exc.reason))
-        return job
-
-    def conclude(self, job: Job, stall: bool = True) -> str:
-        """After a batch: dead-letter what is left to, keep busy and lost entries in hand,
-        report; if nothing moved and ``stall``, wait a little (holding no lock). Returns the
-        error of a transient refusal (e.g. OOM) to back off for, or ''."""
-        self._dead_letter(job.rejected)
-        if job.gone:
-            scripts.command(self.client, "XACK", self.s.stream, self.s.group, *job.gone)
-        outcome = job.outcome
-        self._forget_deleted(job.gone + outcome.deleted)
-        # Busy or lost: keep them in hand for the next turn (they stay pending, ours), and
-        # claim them ours at once: they may have waited LOCK_WAIT_MS already.
-        self._deferred += outcome.busy + outcome.lost
-        self._hold(outcome.held)
-        if outcome.busy or outcome.lost or outcome.held:
-            self._claim_now = True
-        self._keep_deferred_ours()
-        progress = outcome.applied + outcome.duplicates + len(job.rejected) + len(outcome.failed)
-        if self._deferred and not progress and stall:
-            # Nothing moved (every lock busy): do not spin on Redis; holding no lock, wait.
-            self._stalled += 1
-            sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.05, self._rng))
-        else:
-            self._stalled = 0
-        self._after_failures(outcome.failed)
-        if job.batch or job.valid:
-            self.log.debug(
-                "batch",
-                read=len(job.batch),
-                applied=outcome.applied,
-                duplicates=outcome.duplicates,
-                rejected=len(job.rejected),
-                failed=len(outcome.failed),
-                deferred=len(self._deferred),
-                lock_wait_ms=round(outcome.lock_wait_ms, 2),
-                ms=round((time.perf_counter() - job.started) * 1000, 2),
-            )
-        return outcome.refused
+        new = stream.read_new(self.client, s.stream, s.group, s.consumer, max(room, 1), block)
+        return new, (), True
 
     def _settle_lost_acks(self) -> None:
         """After a lost connection: the XACK of a round trip whose reply was lost may have
@@ -341,7 +224,7 @@ class Consumer:
         """A little more of the search (``worker.deleted``); it gives up on an error that
         will not pass (say, SCAN refused by an ACL): it must not stop the counting."""
         try:
-            return self.deleted.step()
+            return self.deleted.walk()
         except ResponseError as exc:
             if is_transient(exc):
                 raise
@@ -369,108 +252,118 @@ class Consumer:
                     counter=verdict.counter,
                 )
 
-    def _hold(self, waiting: list[Event]) -> None:
+    def _conclude(self, outcome: Outcome) -> None:
+        """After a batch: count it, keep what it gave back in hand, report."""
+        stats = self.stats
+        stats.applied += outcome.applied
+        stats.duplicates += outcome.duplicates
+        stats.lock_busy += outcome.busy_counters
+        stats.lock_lost += outcome.lock_lost
+        stats.write_failures += outcome.write_failures
+        stats.dead_lettered += len(outcome.dead_lettered)
+        for item in outcome.dead_lettered:
+            self.log.warning(
+                "entry dead-lettered",
+                entry_id=item.entry_id.decode(),
+                reason=item.reason,
+                dead_letter_stream=self.s.dead_letter,
+            )
+        for entry, error in outcome.failed:
+            self.log.warning(
+                "counter write failed; entry left pending for a retry",
+                counter=entry.event.counter,
+                entry_id=entry.entry_id.decode(),
+                deliveries=entry.deliveries,
+                error=error,
+            )
+        self._forget_deleted(outcome.deleted)
+        self.hand.wait(outcome.busy + outcome.lost)
+        self._hold(outcome.held)
+        self._keep_ours()  # at once for entries that came into hand: they may have waited
+        self.log.debug(
+            "batch",
+            read=outcome.read,
+            applied=outcome.applied,
+            duplicates=outcome.duplicates,
+            dead_lettered=len(outcome.dead_lettered),
+            failed=len(outcome.failed),
+            in_hand=len(self.hand),
+            lock_wait_ms=round(outcome.lock_wait_ms, 2),
+            ms=round((time.perf_counter() - outcome.started) * 1000, 2),
+        )
+
+    def _stall_unless(self, progress: int) -> None:
+        """Entries wait in hand and nothing moved (every lane busy): holding no lock, wait a
+        little rather than spin on Redis."""
+        if self.hand.waiting and not progress:
+            self._stalled += 1
+            sleep_unless(self.stopping, full_jitter(self._stalled, 0.001, 0.05, self._rng))
+        else:
+            self._stalled = 0
+
+    def _hold(self, entries: list[Entry]) -> None:
         """Keep entries in hand, unapplied, until every lock taken before now has expired.
         Called right after the reply that showed their past owners are unknown."""
-        if waiting:
-            until = time.monotonic() + settle_s(self.s.lock_ttl_ms)
-            for event in waiting:
-                event.not_before = until
-            self._held += waiting
+        if entries:
+            hold_s = settle_s(self.s.lock_ttl_ms)
+            self.hand.hold(entries, time.monotonic() + hold_s)
             self.log.info(
                 "entries held until every lock taken before them has expired",
-                count=len(waiting),
-                hold_ms=round(settle_s(self.s.lock_ttl_ms) * 1000),
+                count=len(entries),
+                hold_ms=round(hold_s * 1000),
             )
 
-    def _keep_deferred_ours(self) -> None:
-        """Entries kept in hand across turns (their lock stays busy, or they are held) are
-        not touched by Redis meanwhile: before they look idle long enough for another replica
-        to claim them (and count a delivery), claim them to ourselves again (claim_own.lua:
-        no delivery counted, and only entries still pending for us). Those no longer ours
-        were finished or claimed by someone else: dropped. One delivered again meanwhile was
-        claimed away and back: it is held (see ``batch``)."""
-        if not self._deferred and not self._held:
-            self._deferred_since = None
+    def _keep_ours(self) -> None:
+        """When due, claim what is in hand ours again (claim_own.lua: no delivery counted,
+        only entries still pending for us), before it looks idle long enough for another
+        replica to claim it. One delivered again meanwhile was claimed away and back: it is
+        held anew."""
+        due = self.hand.keep_ours_due()
+        if due is None or time.monotonic() < due:
             return
-        now = time.monotonic()
-        due = self._keep_ours_due()
-        if due is None or now < due:
-            return
-        self._claim_now = False
         s = self.s
-        ids = [e.entry_id for e in (*self._deferred, *self._held)]
-        kept = stream.claim_own(self.client, s.stream, s.group, s.consumer, ids)
+        kept = stream.claim_own(self.client, s.stream, s.group, s.consumer, self.hand.ids())
         self._forget_deleted(kept.deleted)
-        still = kept.counts
-        in_hand = [e for e in (*self._deferred, *self._held) if e.entry_id in still]
-        again = [e for e in in_hand if still[e.entry_id] > e.deliveries]  # away and back
-        for event in again:
-            event.deliveries = still[event.entry_id]
-        keep = still.keys() - {e.entry_id for e in again}
-        self._deferred = [e for e in self._deferred if e.entry_id in keep]
-        self._held = [e for e in self._held if e.entry_id in keep]
-        self._hold(again)  # (held ones wait anew, from this reply)
-        self._deferred_since = now
+        self._hold(self.hand.kept(kept.counts, time.monotonic()))
 
-    def _keep_ours_due(self) -> float | None:
-        """When the entries in hand must next be claimed ours (monotonic), if any are in hand:
-        every CLAIM_IDLE_MS / 3. With LOCK_WAIT_MS <= CLAIM_IDLE_MS / 4 (settings), no entry
-        in hand stays untouched for CLAIM_IDLE_MS (docs/settings.md)."""
-        if not self._deferred and not self._held:
-            return None
-        if self._claim_now or self._deferred_since is None:
-            return 0.0  # at once: new in hand (after a batch's wait), or after an outage
-        return self._deferred_since + self.s.claim_idle_ms / 3000
-
-    def _after_failures(self, failed: list[tuple[Event, str]]) -> None:
-        """A failed write leaves the entry pending (retried after CLAIM_IDLE_MS); from its
-        MAX_DELIVERIES-th delivery on it is dead-lettered, with Redis' error as the reason."""
-        most = self.s.max_deliveries
-        for event, error in failed:
-            if event.deliveries < most:
-                self.log.warning(
-                    "counter write failed; entry left pending for a retry",
-                    counter=event.counter,
-                    entry_id=event.entry_id.decode(),
-                    deliveries=event.deliveries,
-                    error=error,
-                )
-        last = [(event, error) for event, error in failed if event.deliveries >= most]
-        if last:
-            fields = stream.fetch_fields(self.client, self.s.stream, [e.entry_id for e, _ in last])
-            self._dead_letter([Rejected(e.entry_id, fields[e.entry_id] or [], r) for e, r in last])
-
-    def _dead_letter(self, rejected: list[Rejected]) -> None:
-        if not rejected:
-            return
+    def _read_backlog(self) -> tuple[list[Delivery], set[bytes]]:
+        """A page of our own pending list (after a start or an error), and the ids among it
+        whose past owners we do not know: delivered more than once before this read, they
+        may have been claimed to our name (by an earlier process of it, or by a claim whose
+        reply was lost) from a replica that still holds its lane. Those are held for
+        LOCK_TTL_MS (``_hold``), by when its lock has expired. An entry delivered once was
+        only ever pending for our name: our lane covers it."""
         s = self.s
-        moved = set(
-            deadletter.move(self.pipe, s.stream, s.dead_letter, s.group, s.consumer, rejected)
-        )
-        self.stats.dead_lettered += len(moved)
-        for item in rejected:
-            if item.entry_id in moved:
-                self.log.warning(
-                    "entry dead-lettered",
-                    entry_id=item.entry_id.decode(),
-                    reason=item.reason,
-                    dead_letter_stream=s.dead_letter,
-                )
+        assert self._backlog is not None
+        read, once = stream.refetch_own_pending, 1
+        if self._backlog_is_redelivery:
+            read, once = stream.read_own_pending, 2  # this read counted one more delivery
+        batch = read(self.client, s.stream, s.group, s.consumer, self._backlog, s.batch_size)
+        self._backlog = batch[-1].entry_id if batch else None
+        return batch, {d.entry_id for d in batch if d.deliveries > once}
+
+    def _block_ms(self) -> int:
+        """BLOCK_MS, or less: until the next reclaim sweep, the keep-ours claim of what is
+        in hand, or the first held entry is due."""
+        wake = [self.reclaimer.next_sweep]
+        if self.deleted.busy():
+            wake.append(0.0)  # the search goes on a little each turn
+        for due in (self.hand.keep_ours_due(), self.hand.next_due()):
+            if due is not None:
+                wake.append(due)
+        due = min(wake) - time.monotonic()
+        return max(1, min(self.s.block_ms, int(due * 1000) + 1))
 
     # -- failures and shutdown -----------------------------------------------------------
 
-    def _reset_after_error(self) -> None:
-        """Forget what is in hand: it is still pending on the server, and ours; read our
-        own pending list again from the start. (The time of the last keep-ours claim stays:
-        the same entries come back, and must not look idle to other replicas meanwhile.)
-        Keep what a lost round trip acknowledged, to settle it (``_settle_lost_acks``)."""
+    def start_over(self) -> None:
+        """After an error: forget what is in hand (it is still pending on the server, and
+        ours) and read our own pending list again from the start. Keep what a lost round
+        trip acknowledged, to settle it (``_settle_lost_acks``)."""
         for name, _lanes, ids in self.pipe.lost_acks:
             self._lost_acks.setdefault(name, set()).update(ids)
         self.pipe.lost_acks.clear()
-        self._deferred = []
-        self._held = []
-        self._claim_now = True  # what comes back may have been idle through the outage
+        self.hand.drop()
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
         self._next_server_check = 0.0
@@ -479,7 +372,7 @@ class Consumer:
 
     def _on_unavailable(self, exc: Exception) -> None:
         self._connection_failures += 1
-        self._reset_after_error()
+        self.start_over()
         delay = reconnect_delay(self._connection_failures)
         self.log.warning(
             "redis unavailable; retrying",
@@ -490,16 +383,12 @@ class Consumer:
         )
         sleep_unless(self.stopping, delay)
 
-    def _hand_back(self) -> None:
+    def hand_back(self) -> None:
         """On shutdown: entries kept in hand stay pending for the group. If this consumer has
         nothing pending at all, remove it from the group so names do not pile up."""
-        self._deferred = []
-        self._held = []
+        self.hand.drop()
         try:
-            call = scripts.Call.eval(LEAVE, [self.s.stream], [self.s.group, self.s.consumer])
-            (result,) = scripts.run(self.client, [call])
-            if isinstance(result, Exception):
-                raise result
+            LEAVE(self.client, [self.s.stream], [self.s.group, self.s.consumer])
         except redis.RedisError as exc:
             self.log.warning("could not tidy the consumer up on shutdown", error=str(exc))
         self.log.info("stopped", **self.stats.as_dict())

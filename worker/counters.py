@@ -70,7 +70,7 @@ def entry_marker(stream: bytes, entry_id: bytes) -> bytes:
     return b"x:" + stream + b"|" + entry_id
 
 
-class Outcome(Enum):
+class Written(Enum):
     APPLIED = 1
     LOCK_LOST = 0
     ALREADY_APPLIED = 2
@@ -81,7 +81,7 @@ class Outcome(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    outcome: Outcome
+    outcome: Written
     skipped: tuple[int, ...] = ()
     """ALREADY_APPLIED: 0-based positions of the events that already have a marker."""
     error: str = ""
@@ -90,7 +90,7 @@ class ApplyResult:
     """FAILED because Redis refuses writes for now (OOM, READONLY...), not for the entries."""
 
 
-class Group(NamedTuple):
+class Write(NamedTuple):
     """One counter's part of an apply call: its events."""
 
     name: str
@@ -102,11 +102,11 @@ class Group(NamedTuple):
 def apply_call(
     stream: bytes,
     token: str,
-    groups: Sequence[Group],
+    writes: Sequence[Write],
     marker_ttl_ms: int,
     lanes: Mapping[str, Sequence[str]],
 ) -> Call:
-    """One script call that applies each group's events (read from ``stream``) to its
+    """One script call that applies each write's events (read from ``stream``) to its
     counter, each counter on its own, fenced by ``token`` on every lane key that
     ``lanes`` gives for it (see counter_apply.lua)."""
     keys: list[str] = []
@@ -117,12 +117,12 @@ def apply_call(
         token,
     ]
     add_keys, add_args = keys.extend, args.extend
-    for group in groups:
-        name, events = group.name, group.events
+    for write in writes:
+        name, events = write.name, write.events
         its = lanes[name]
         if len(events) == 1:  # the common case with many counters: no loops, no lists
             event = events[0]
-            total = "" if group.probe else event.delta
+            total = "" if write.probe else event.delta
             if event.event_id is None:
                 add_keys((value_key(name), applied_key(name), *its))
                 add_args((len(its), total, 1, event.entry_id, 0))
@@ -130,7 +130,7 @@ def apply_call(
                 add_keys((value_key(name), applied_key(name), event_ids_key(name), *its))
                 add_args((len(its), total, 1, event.entry_id, 1, 1, event.event_id))
             continue
-        add_args((len(its), "" if group.probe else sum(e.delta for e in events), len(events)))
+        add_args((len(its), "" if write.probe else sum(e.delta for e in events), len(events)))
         add_args([e.entry_id for e in events])
         eids: list[bytes | int] = []
         for position, event in enumerate(events, 1):
@@ -145,18 +145,18 @@ def apply_call(
     return Call(APPLY, tuple(args), tuple(keys))
 
 
-def parse_apply(raw: object, groups: int) -> list[ApplyResult]:
-    """One ApplyResult per group of the call (an error reply fails them all)."""
+def parse_apply(raw: object, writes: int) -> list[ApplyResult]:
+    """One ApplyResult per write of the call (an error reply fails them all)."""
     if isinstance(raw, Exception):
-        failed = ApplyResult(Outcome.FAILED, error=str(raw), transient=is_transient(raw))
-        return [failed] * groups
+        failed = ApplyResult(Written.FAILED, error=str(raw), transient=is_transient(raw))
+        return [failed] * writes
     assert isinstance(raw, list), raw
     return [_parse_one(reply) for reply in raw]
 
 
-_APPLIED = ApplyResult(Outcome.APPLIED)
-_LOCK_LOST = ApplyResult(Outcome.LOCK_LOST)
-_NOT_APPLIED = ApplyResult(Outcome.NOT_APPLIED)
+_APPLIED = ApplyResult(Written.APPLIED)
+_LOCK_LOST = ApplyResult(Written.LOCK_LOST)
+_NOT_APPLIED = ApplyResult(Written.NOT_APPLIED)
 
 
 def _parse_one(reply: int | list[Any]) -> ApplyResult:
@@ -169,9 +169,9 @@ def _parse_one(reply: int | list[Any]) -> ApplyResult:
     assert isinstance(reply, list), reply
     code = reply[0]
     if code == 2:
-        return ApplyResult(Outcome.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in reply[1:]))
+        return ApplyResult(Written.ALREADY_APPLIED, skipped=tuple(int(i) - 1 for i in reply[1:]))
     error = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-    return ApplyResult(Outcome.FAILED, error=error, transient=is_transient(error))
+    return ApplyResult(Written.FAILED, error=error, transient=is_transient(error))
 
 
 def finish_call(
@@ -204,9 +204,8 @@ def expire_soon(
     releases = [(name, no_lanes, ids) for name, ids in markers.items() if ids]
     if not releases:
         return
-    (reply,) = scripts.run(client, [finish_call(stream, "", releases, lock_ttl_ms)])
-    if isinstance(reply, Exception):
-        raise reply
+    call = finish_call(stream, "", releases, lock_ttl_ms)
+    reply = FINISH(client, call.keys, call.args)
     errors = [r for r in reply if isinstance(r, bytes)]
     if errors:
         raise redis.ResponseError(errors[0].decode(errors="replace"))
@@ -217,7 +216,10 @@ def read_values(client: redis.Redis, names: Sequence[str]) -> dict[str, int]:
 
     Raises ValueError naming the counter if its key holds something else than an integer.
     """
-    results = scripts.run(client, [Call.command("GET", value_key(n)) for n in names])
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.get(value_key(name))
+    results = pipe.execute(raise_on_error=False)
     values: dict[str, int] = {}
     for name, raw in zip(names, results, strict=True):
         try:

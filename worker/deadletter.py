@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-
 from worker import scripts
-from worker.scripts import Call, Pipe, Round
+from worker.scripts import Call
 
 DEAD_LETTER = scripts.Script.load("deadletter")
 
@@ -28,8 +26,9 @@ XADD; an entry with more fields keeps its first MAX_FIELDS and says so in
 @dataclass(frozen=True, slots=True)
 class Rejected:
     entry_id: bytes
-    fields: list[bytes]
-    """The original entry, flat: [field1, value1, ...] (empty if it was deleted)."""
+    fields: list[bytes] | None
+    """The original entry, flat: [field1, value1, ...]; None: copy them from the stream
+    (deadletter.lua), for a valid entry whose fields were not kept."""
     reason: str
 
 
@@ -39,29 +38,12 @@ def dead_letter_call(
     args: list[str | bytes | int] = [group, consumer]
     for item in rejected:
         fields = item.fields
+        if fields is None:
+            args += [item.entry_id, item.reason, -1, MAX_FIELDS]
+            continue
         total = len(fields) // 2
         if total > MAX_FIELDS:
             note = f"{MAX_FIELDS} of {total} fields kept".encode()
             fields = [*fields[: 2 * MAX_FIELDS], b"fields_truncated", note]
         args += [item.entry_id, item.reason, len(fields) // 2, *fields]
     return Call.eval(DEAD_LETTER, [stream, dead_stream], args)
-
-
-def move(
-    client: redis.Redis | Pipe,
-    stream: str,
-    dead_stream: str,
-    group: str,
-    consumer: str,
-    rejected: Sequence[Rejected],
-) -> list[bytes]:
-    """Dead-letter and acknowledge ``rejected``; return the ids actually moved."""
-    if not rejected:
-        return []
-    pipe = client if isinstance(client, Pipe) else Pipe(client)
-    call = dead_letter_call(stream, dead_stream, group, consumer, rejected)
-    ((result,),) = pipe.exchange([Round("dead_letter", [call])])
-    if isinstance(result, Exception):
-        raise result
-    assert isinstance(result, list)
-    return [bytes(r) for r in result]

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker import counters, scripts
-from worker.scripts import Call
+from worker import counters
 
 MARKERS_KEYS = "sc:{*}:applied"
 PAGE = 100
@@ -74,7 +73,7 @@ class DeletedEntries:
         self._looking, self._queued, self._cursor = set(), set(), 0
         return ids
 
-    def step(self) -> list[Verdict]:
+    def walk(self) -> list[Verdict]:
         """Walk on for BUDGET_S (a page at least): the ids whose marker it found, and those
         of a walk that ended without finding theirs (never counted)."""
         verdicts: list[Verdict] = []
@@ -103,7 +102,10 @@ class DeletedEntries:
             return []
         wanted = sorted(self._looking)
         markers = [counters.entry_marker(self.stream_key, i) for i in wanted]
-        replies = scripts.run(self.client, [Call.command("ZMSCORE", k, *markers) for k in keys])
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zmscore(key, markers)  # type: ignore[arg-type]
+        replies = pipe.execute(raise_on_error=False)
         found: dict[str, list[bytes]] = {}
         for key, scores in zip(keys, replies, strict=True):
             if isinstance(scores, Exception):

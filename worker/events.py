@@ -9,7 +9,7 @@ twice is ambiguous and rejected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from worker.errors import InvalidEvent
 
@@ -19,21 +19,15 @@ MAX_AMOUNT = 2**63 - 1
 _MAX_AMOUNT_DIGITS = len(str(MAX_AMOUNT))
 
 
-@dataclass(slots=True)
-class Event:
+class Event(NamedTuple):
+    """A valid entry, parsed: the event contract and nothing else (what a replica does with
+    it, and when, is ``worker.hand.Entry``)."""
+
     entry_id: bytes
     counter: str
     delta: int
     """Signed: +amount for incr, -amount for decr."""
     event_id: bytes | None
-    deliveries: int = 1
-    """How many times the stream delivered this entry (set by the consumer)."""
-    owner: str | None = None
-    """The consumer this replica claimed the entry from, if another: its lock lane is
-    needed too (docs/design-lock-lanes.md). Set by the consumer."""
-    not_before: float = 0.0
-    """time.monotonic() before which the entry must not be applied (set by the consumer
-    when the entry's past owners are unknown: every lock they took has expired by then)."""
 
 
 def parse(entry_id: bytes, flat: list[bytes]) -> Event:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import redis
 
 from worker import scripts
-from worker.scripts import Call
 from worker.stream import Delivery
 
 PRUNE = scripts.Script.load("prune_consumers")
@@ -59,14 +58,8 @@ class Reclaimer:
         """One page of the sweep: entries idle for CLAIM_IDLE_MS, now ours, with their
         delivery counts and previous owners (None when it was this consumer)."""
         start = b"-" if self._cursor == b"0-0" else b"(" + self._cursor
-        call = Call.eval(
-            RECLAIM,
-            [self.stream],
-            [self.group, self.consumer, self.min_idle_ms, start, count],
-        )
-        (reply,) = scripts.run(self.client, [call])
-        if isinstance(reply, Exception):
-            raise reply
+        args: list[str | bytes | int] = [self.group, self.consumer, self.min_idle_ms, start, count]
+        reply = RECLAIM(self.client, [self.stream], args)
         self._cursor = bytes(reply[0])
         pruned: list[bytes] = []
         if self._cursor == b"0-0":
@@ -83,10 +76,8 @@ class Reclaimer:
 
     def prune_consumers(self) -> list[bytes]:
         """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS."""
-        call = Call.eval(PRUNE, [self.stream], [self.group, self.min_idle_ms * 10, self.consumer])
-        (result,) = scripts.run(self.client, [call])
-        if isinstance(result, Exception):
-            raise result
+        idle_ms = self.min_idle_ms * 10
+        result = PRUNE(self.client, [self.stream], [self.group, idle_ms, self.consumer])
         return [bytes(name) for name in result]
 
     def restart(self) -> None:

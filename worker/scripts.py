@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
@@ -35,6 +35,12 @@ class Script:
     def load(cls, name: str) -> Script:
         source = resources.files("worker").joinpath("lua", f"{name}.lua").read_bytes()
         return cls(name, source, hashlib.sha1(source, usedforsecurity=False).hexdigest())
+
+    def __call__(
+        self, client: redis.Redis, keys: Sequence[str | bytes], args: Sequence[Arg]
+    ) -> Any:
+        """A call on its own, through redis-py (an error reply is raised)."""
+        return client.eval(self.source.decode(), len(keys), *keys, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +67,13 @@ class Call:
 
 
 class Round(NamedTuple):
-    """The calls of one protocol step, sent together; Redis runs them in order."""
+    """The calls of one protocol stage, sent together; Redis runs them in order."""
 
-    step: str
-    """What they do: 'lock', 'apply', 'ack_release', 'read', 'dead_letter' ('' for others)."""
+    stage: str
+    """What they do: 'take_lanes', 'confirm', 'write', 'finish', 'read' ('' for others)."""
     calls: list[Call]
-    meanwhile: Callable[[], None] | None = None
-    """Work for this process while Redis runs the calls (drivers call it after sending)."""
     acked: Sequence[tuple[str, Sequence[str], Sequence[bytes]]] = ()
-    """ack_release: (counter, lanes, entry ids acknowledged) of its finish. Should its
+    """finish: (counter, lanes, entry ids acknowledged) of its finish script. Should its
     replies be lost, its XACK may have run without the removal of the entries' markers that
     follows it (``Pipe.lost_acks``)."""
 
@@ -144,20 +148,11 @@ class Pipe:
             self._pool.release(conn)
 
 
-def run(client: redis.Redis, calls: Sequence[Call]) -> list[Any]:
-    """Send ``calls`` in one pipeline; return one result per call, errors as values.
-
-    Connection errors are raised: whether the calls ran is then unknown, and the caller
-    must treat every call as possibly done.
-    """
-    if not calls:
-        return []
-    return Pipe(client).exchange([Round("", list(calls))])[0]
-
-
-def command(client: redis.Redis, *args: Arg) -> Any:
-    """One command, its raw reply; an error reply is raised."""
-    (result,) = run(client, [Call(None, args)])
+def raw(client: redis.Redis, *args: Arg) -> Any:
+    """One command, its reply as Redis sent it (an error reply is raised). For stream
+    reads: redis-py's own parsers turn entries into dicts, losing the order and repeats
+    of their fields, which the event contract judges (a repeated field is rejected)."""
+    ((result,),) = Pipe(client).exchange([Round("", [Call.command(*args)])])
     if isinstance(result, Exception):
         raise result
     return result

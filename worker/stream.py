@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 from worker import scripts
-from worker.scripts import Call
+from worker.scripts import Call, Round
 
 CLAIM_OWN = scripts.Script.load("claim_own")
 
 
-@dataclass(slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     entry_id: bytes
     fields: list[bytes] | None
     """Flat [field1, value1, ...]; None if the entry was deleted from the stream."""
@@ -33,9 +32,7 @@ def read_new(
     client: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
 ) -> list[Delivery]:
     """Entries never delivered to anyone (XREADGROUP >): delivery count 1."""
-    return parse_new(
-        scripts.command(client, *read_call(stream, group, consumer, count, block_ms).args)
-    )
+    return parse_new(scripts.raw(client, *read_call(stream, group, consumer, count, block_ms).args))
 
 
 def read_call(stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> Call:
@@ -62,7 +59,7 @@ def read_own_pending(
     died with them in hand, so this is a redelivery (a poison entry that kills every
     replica still reaches MAX_DELIVERIES).
     """
-    reply = scripts.command(
+    reply = scripts.raw(
         client, "XREADGROUP", "GROUP", group, consumer, "COUNT", count, "STREAMS", stream, after
     )
     if not reply:
@@ -82,17 +79,21 @@ def refetch_own_pending(
     dead-letter valid events). XPENDING gives ids and counts, XRANGE the fields.
     """
     start = b"-" if after == b"0-0" else b"(" + after
-    pending = scripts.command(client, "XPENDING", stream, group, start, "+", count, consumer)
-    fields = fetch_fields(client, stream, [p[0] for p in pending])
-    return [Delivery(p[0], fields[p[0]], int(p[3])) for p in pending]
+    pending = _counts(client.xpending_range(stream, group, start, "+", count, consumer))
+    fields = fetch_fields(client, stream, list(pending))
+    return [Delivery(i, fields[i], times) for i, times in pending.items()]
 
 
 def fetch_fields(
     client: redis.Redis, stream: str, ids: Sequence[bytes]
 ) -> dict[bytes, list[bytes] | None]:
-    """The fields of each entry (None if it was deleted), one pipelined XRANGE per id."""
-    replies = scripts.run(client, [Call.command("XRANGE", stream, i, i) for i in ids])
+    """The fields of each entry (None if it was deleted), one pipelined XRANGE per id, raw
+    (``scripts.raw``)."""
     found: dict[bytes, list[bytes] | None] = {}
+    if not ids:
+        return found
+    round_ = Round("", [Call.command("XRANGE", stream, i, i) for i in ids])
+    (replies,) = scripts.Pipe(client).exchange([round_])
     for entry_id, reply in zip(ids, replies, strict=True):
         if isinstance(reply, Exception):
             raise reply
@@ -104,14 +105,15 @@ def delivery_counts(
     client: redis.Redis, stream: str, group: str, ids: Sequence[bytes]
 ) -> dict[bytes, int]:
     """Delivery count of each id still pending (one pipelined XPENDING per id)."""
-    calls = [Call.command("XPENDING", stream, group, i, i, 1) for i in ids]
-    counts: dict[bytes, int] = {}
-    for result in scripts.run(client, calls):
-        if isinstance(result, Exception):
-            raise result
-        for entry_id, _owner, _idle, times in result:
-            counts[bytes(entry_id)] = int(times)
-    return counts
+    pipe = client.pipeline(transaction=False)
+    for i in ids:
+        pipe.xpending_range(stream, group, i, i, 1)
+    return {i: times for found in pipe.execute() for i, times in _counts(found).items()}
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[bytes, int]:
+    """redis-py's XPENDING rows -> entry id: delivery count (in the rows' order)."""
+    return {row["message_id"]: int(row["times_delivered"]) for row in rows}
 
 
 def confirm_call(stream: str, group: str, consumer: str, count: int) -> Call:
@@ -141,7 +143,7 @@ def claim_own(
     """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
     time reset, no delivery counted), and those found deleted (see claim_own.lua)."""
     calls = claim_own_calls(stream, group, consumer, ids)
-    return parse_claim_own(scripts.run(client, calls) if calls else [])
+    return parse_claim_own([CLAIM_OWN(client, c.keys, c.args) for c in calls])
 
 
 def claim_own_calls(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> list[Call]:
