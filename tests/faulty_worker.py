@@ -1,13 +1,13 @@
-"""``stream-counter`` with a fault injected at one step of the protocol (tests only).
+"""``stream-counter`` with a fault injected at one stage of the protocol (tests only).
 
-FAULT_STEP    the round trip that carries this step: lock | apply | ack_release | dead_letter
-              (in the back-to-back flow an ack_release round also carries the next batch's
-              lock and read)
+FAULT_STAGE   the round trip that carries this stage (worker/batch.py): take_lanes | write |
+              finish (batches back to back: a finish round also carries the next batch's
+              take_lanes and a read)
 FAULT_WHEN    before (it is sent) | after (its replies are read)
-FAULT_NTH     on the n-th round trip carrying that step (default 1)
+FAULT_NTH     on the n-th round trip carrying that stage (default 1)
 FAULT_ACTION  kill (SIGKILL self) | stop (SIGSTOP self: the test resumes us with SIGCONT)
-              | cut (FAULT_WHEN=before only: send the round trip up to its step's first
-              call, an ack_release round's XACK, then lose the connection: Redis runs
+              | cut (FAULT_WHEN=before only: send the round trip up to its stage's first
+              call, a finish round's XACK, then lose the connection: Redis runs
               what it read, and the process goes on, as after a network failure)
 
 Only this process's own code is patched, at the one place every round trip goes through
@@ -30,7 +30,7 @@ from worker.scripts import Pipe, Round
 
 
 def inject() -> None:
-    step = os.environ["FAULT_STEP"]
+    stage = os.environ["FAULT_STAGE"]
     when = os.environ.get("FAULT_WHEN", "before")
     nth = int(os.environ.get("FAULT_NTH", "1"))
     action = os.environ.get("FAULT_ACTION", "kill")
@@ -40,14 +40,14 @@ def inject() -> None:
     armed: deque[bool] = deque()  # per unanswered send: fault after its replies?
 
     def fault() -> None:
-        sys.stdout.write(f'{{"event": "fault injected", "step": "{step}", "when": "{when}"}}\n')
+        sys.stdout.write(f'{{"event": "fault injected", "stage": "{stage}", "when": "{when}"}}\n')
         sys.stdout.flush()
         os.kill(os.getpid(), sig)
 
     def patched_send(self: Pipe, rounds: Sequence[Round]) -> None:
         nonlocal seen
         hit = False
-        if any(r.step == step for r in rounds):
+        if any(r.stage == stage for r in rounds):
             seen += 1
             hit = seen == nth
         if hit and when == "before" and action == "cut":
@@ -65,10 +65,10 @@ def inject() -> None:
         return replies
 
     def cut_after_first_call(self: Pipe, rounds: Sequence[Round]) -> None:
-        at = next(i for i, r in enumerate(rounds) if r.step == step)
+        at = next(i for i, r in enumerate(rounds) if r.stage == stage)
         part = [*rounds[:at], rounds[at]._replace(calls=rounds[at].calls[:1])]
         send(self, part)
-        sys.stdout.write(f'{{"event": "fault injected", "step": "{step}", "when": "cut"}}\n')
+        sys.stdout.write(f'{{"event": "fault injected", "stage": "{stage}", "when": "cut"}}\n')
         sys.stdout.flush()
         self._drop()  # the connection is lost: what the rounds acknowledged is kept
         raise ConnectionError("fault injected: connection lost after the first call")

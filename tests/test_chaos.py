@@ -61,16 +61,16 @@ def stop_cleanly(*workers: Any) -> None:
 def faulty(
     spawn_worker: Any,
     url: str,
-    step: str,
+    stage: str,
     *,
     when: str = "before",
     action: str = "kill",
     nth: int = 3,
     **settings: Any,
 ) -> Any:
-    """A worker with a fault at its ``nth`` round trip carrying ``step`` (faulty_worker.py),
+    """A worker with a fault at its ``nth`` round trip carrying ``stage`` (faulty_worker.py),
     once the fault has happened."""
-    fault = {"FAULT_STEP": step, "FAULT_WHEN": when, "FAULT_NTH": str(nth), "FAULT_ACTION": action}
+    fault = {"FAULT_STAGE": stage, "FAULT_WHEN": when, "FAULT_NTH": str(nth), "FAULT_ACTION": action}
     worker = spawn_worker(url, fault=fault, **{**FAST, **settings})
     worker.wait_for_log("fault injected")
     return worker
@@ -86,23 +86,21 @@ def assert_exact(
 
 
 @pytest.mark.parametrize(
-    ("step", "when"),
+    ("stage", "when"),
     [
-        ("lock", "after"),  # locked and confirmed (and the next batch read), nothing written
-        ("apply", "before"),  # locked and confirmed, nothing written
-        ("apply", "after"),  # counters written, entries not acknowledged
-        ("ack_release", "before"),  # same point, seen from the ack side
-        ("ack_release", "after"),  # acknowledged and released
-        ("dead_letter", "before"),  # about to dead-letter
-        ("dead_letter", "after"),  # dead-lettered and acknowledged
+        ("take_lanes", "after"),  # lanes taken, entries confirmed, next batch read
+        ("write", "before"),  # lanes taken and confirmed, nothing written
+        ("write", "after"),  # counters written, entries not acknowledged
+        ("finish", "before"),  # same point, seen from the finish side; nothing dead-lettered
+        ("finish", "after"),  # acknowledged, released, invalid entries dead-lettered
     ],
 )
-def test_exactly_once_when_a_replica_is_killed_at_a_protocol_step(
-    redis_server: Any, spawn_worker: Any, step: str, when: str
+def test_exactly_once_when_a_replica_is_killed_at_a_protocol_stage(
+    redis_server: Any, spawn_worker: Any, stage: str, when: str
 ) -> None:
     r = redis_server.client()
     expected, invalid = push_with_invalid(r, 3000)
-    victim = faulty(spawn_worker, redis_server.url, step, when=when)
+    victim = faulty(spawn_worker, redis_server.url, stage, when=when)
     assert victim.wait(10) == -signal.SIGKILL
     survivor = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)
@@ -116,7 +114,7 @@ def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
 ) -> None:
     r = redis_server.client()
     expected = push_random(r, 2000, names=10)
-    frozen = faulty(spawn_worker, redis_server.url, "apply", when=when, action="stop", nth=2)
+    frozen = faulty(spawn_worker, redis_server.url, "write", when=when, action="stop", nth=2)
     time.sleep(0.2)
     other = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)  # the live replica claimed the frozen one's entries
@@ -136,7 +134,7 @@ def test_replica_killed_right_after_a_finish_that_lost_its_lane_leaves_no_marker
     # markers must go by Redis' clock, not wait for the dead process (or 30 days).
     r = redis_server.client()
     expected = push_random(r, 3000, names=10)
-    frozen = faulty(spawn_worker, redis_server.url, "ack_release", action="stop")
+    frozen = faulty(spawn_worker, redis_server.url, "finish", action="stop")
     time.sleep(0.5)  # LOCK_TTL_MS is 300: every lane it holds has expired
     frozen.signal(signal.SIGCONT)
     frozen.wait_for_log("lock lane lost before the finish")
@@ -197,7 +195,7 @@ def test_connection_lost_between_the_xack_and_the_marker_removal_leaves_no_marke
     # round): the entries are acknowledged and their markers must not stay 30 days.
     r = redis_server.client()
     expected = push_random(r, 3000, names=10)
-    worker = faulty(spawn_worker, redis_server.url, "ack_release", action="cut")
+    worker = faulty(spawn_worker, redis_server.url, "finish", action="cut")
     wait_drained(r, 60)
     assert_exact(r, expected)  # counted once, and no marker left
     assert "redis unavailable; retrying" in worker.log()
@@ -212,7 +210,7 @@ def test_entries_applied_before_an_outage_longer_than_the_dedupe_window_count_on
     r = aof_redis.client()
     expected = push_random(r, 3000, names=10)
     window = {"dedupe_window_ms": 1000}
-    victim = faulty(spawn_worker, aof_redis.url, "apply", when="after", **window)
+    victim = faulty(spawn_worker, aof_redis.url, "write", when="after", **window)
     assert victim.wait(10) == -signal.SIGKILL
     aof_redis.kill()
     time.sleep(2.0)
