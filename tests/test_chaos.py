@@ -70,7 +70,12 @@ def faulty(
 ) -> Any:
     """A worker with a fault at its ``nth`` round trip carrying ``stage`` (faulty_worker.py),
     once the fault has happened."""
-    fault = {"FAULT_STAGE": stage, "FAULT_WHEN": when, "FAULT_NTH": str(nth), "FAULT_ACTION": action}
+    fault = {
+        "FAULT_STAGE": stage,
+        "FAULT_WHEN": when,
+        "FAULT_NTH": str(nth),
+        "FAULT_ACTION": action,
+    }
     worker = spawn_worker(url, fault=fault, **{**FAST, **settings})
     worker.wait_for_log("fault injected")
     return worker
