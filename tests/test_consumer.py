@@ -450,7 +450,7 @@ def test_entry_handed_to_a_batch_twice_is_counted_once(
     consumer = make_consumer(claim_idle_ms=600_000)
     fields = [b"counter", b"twice", b"amount", b"3"]
     twice = batch.parse([Delivery(entry, fields, 1), Delivery(entry, fields, 1)])
-    outcomes = consumer.driver.drive(twice, read=2, more=False, until=0, stopping=lambda: False)
+    outcomes = consumer.driver.drive(twice, 2, False, 0, lambda: False)
     assert sum(o.applied + o.duplicates for o in outcomes) == 1
     assert values(r, {"twice"}) == {"twice": 3}
     assert drained(r)

@@ -96,6 +96,11 @@ class Outcome:
     """An error reply of the finish round, to raise once the outcome is counted."""
     lock_wait_ms: float = 0.0
 
+    @property
+    def clean(self) -> bool:
+        """Nothing given back to wait in hand, and no error: new batches may follow."""
+        return not (self.busy or self.lost or self.refused or self.error)
+
 
 class Parsed(NamedTuple):
     entries: list[Entry]
@@ -121,7 +126,7 @@ def parse(deliveries: Sequence[Delivery]) -> Parsed:
         except InvalidEvent as exc:
             parsed.rejected.append(Rejected(d.entry_id, d.fields, exc.reason))
         else:
-            parsed.entries.append(Entry(event, d.deliveries, d.owner))
+            parsed.entries.append(Entry(d.entry_id, event, d.deliveries, d.owner))
     return parsed
 
 
@@ -133,7 +138,7 @@ def parse_new(reply: Any) -> Parsed:
     rejected: list[Rejected] = []
     for entry_id, fields in reply[0][1]:
         try:
-            entries.append(Entry(events.parse(entry_id, fields), 1))
+            entries.append(Entry(entry_id, events.parse(entry_id, fields), 1))
         except InvalidEvent as exc:
             rejected.append(Rejected(entry_id, fields, exc.reason))
     return Parsed(entries, rejected, [])
@@ -169,31 +174,34 @@ def lanes_taken(p: Protocol, keys: Sequence[str], reply: list[int], lanes: Lanes
     p.turns.taken(keys, got)
     taken = Taken([], [], [])
     for name, its in lanes.items():
-        (taken.locked if all(k in got for k in its) else taken.busy).append(name)
-        if name in taken.busy and any(k in got for k in its):
-            taken.partial.append(name)
+        if all(k in got for k in its):
+            taken.locked.append(name)
+        else:
+            taken.busy.append(name)
+            if any(k in got for k in its):
+                taken.partial.append(name)
     return taken
 
 
 def still_ours(
-    by_counter: Mapping[str, list[Entry]], pending: Mapping[bytes, int]
+    by_counter: dict[str, list[Entry]], pending: Mapping[bytes, int]
 ) -> tuple[dict[str, list[Entry]], list[Entry], list[bytes]]:
     """Stage confirm: of each counter's entries, those still pending for us as we read them;
     those delivered again since (claimed away and back: to hold, rule D); the ids no longer
     pending (finished by another replica, or deleted)."""
-    ours: dict[str, list[Entry]] = {}
     again: list[Entry] = []
     missing: list[bytes] = []
-    for name, items in by_counter.items():
-        kept = ours[name] = []
+    for items in by_counter.values():
         for e in items:
             times = pending.get(e.entry_id)
             if times is None:
                 missing.append(e.entry_id)
             elif times > e.deliveries:
                 again.append(e._replace(deliveries=times))
-            else:
-                kept.append(e)
+    if not missing and not again:
+        return by_counter, again, missing  # the common case
+    left = {e.entry_id for e in again}.union(missing)
+    ours = {n: [e for e in items if e.entry_id not in left] for n, items in by_counter.items()}
     return ours, again, missing
 
 
@@ -427,8 +435,7 @@ class Batch:
         if self.stage is Stage.TAKE_LANES:
             self._guess = plan_writes(self.p, self.by_counter, self.token, self.lanes)
         elif self.stage is Stage.WRITE and self._writes == 0:
-            acked = {n: items for n, items in self.work.items() if n not in self.taken.busy}
-            self._guess = self._finish(acked, [])
+            self._guess = self._finish(self.work, [])  # (busy counters are not in the work)
 
     def advance(self, replies: list[Any]) -> None:
         if self.stage is Stage.TAKE_LANES:
@@ -493,7 +500,7 @@ class Batch:
 
     def _after_write(self, raw: object) -> None:
         assert self.plan is not None
-        busy = self.taken.busy
+        busy = set(self.taken.busy)
         guess, self._guess = self._guess, None
         self._writes += 1
         if (
@@ -525,7 +532,8 @@ class Batch:
         for extra in followers.values():
             # Their first one was not written: retry them with it (a busy counter's
             # followers are given back busy already).
-            self.outcome.lost += (e for e in extra if e.event.counter not in self.taken.busy)
+            busy = set(self.taken.busy)
+            self.outcome.lost += (e for e in extra if e.event.counter not in busy)
 
     def _to_finish(self, worn: list[Rejected]) -> None:
         done = self._finish(self.acked, worn)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
 
 import redis
 import structlog
@@ -32,16 +32,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Settings
 from worker import counters, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
-from worker.batch import Outcome, Protocol, parse
+from worker.batch import Outcome, Parsed, Protocol, parse
 from worker.connection import check_no_eviction, ensure_group, is_transient
 from worker.deleted import DeletedEntries, Verdict
 from worker.driver import Driver
 from worker.errors import EvictingRedis, GroupDeleted
 from worker.hand import Entry, Hand
 from worker.lanes import settle_s
-from worker.outcome import Stats
 from worker.reclaim import Reclaimer
 from worker.scripts import Pipe
+from worker.stats import Stats
 from worker.stream import Delivery
 
 LEAVE = scripts.Script.load("leave_group")
@@ -120,33 +120,17 @@ class Consumer:
     def turn(self) -> None:
         """One turn: upkeep when due, then the turn's first batch and those after it."""
         self._upkeep()
-        deliveries, hold, more = self._deliveries()
-        parsed = parse(deliveries)
-        if hold:
-            self._hold([e for e in parsed.entries if e.entry_id in hold])
-            parsed = parsed._replace(entries=[e for e in parsed.entries if e.entry_id not in hold])
-            self._keep_ours()  # at once: our backlog may have been idle through an outage
-        parsed.entries.extend(self.hand.take_ready(time.monotonic()))
-        if not (parsed.entries or parsed.rejected or parsed.gone):
+        first, read, more = self._first_batch()
+        if not (first.entries or first.rejected or first.gone):
             return
-        progress = 0
-        refused = ""
-        outcomes = self.driver.drive(
-            parsed,
-            read=len(deliveries),
-            more=more,
-            until=self.reclaimer.next_sweep,
-            stopping=self.stopping,
-        )
+        until = self.reclaimer.next_sweep
+        outcomes = self.driver.drive(first, read, more, until, self.stopping)
+        progress, error = 0, None
         for outcome in outcomes:
-            self._conclude(outcome)
-            progress += outcome.applied + outcome.duplicates + len(outcome.dead_lettered)
-            progress += len(outcome.failed)
-            refused = refused or outcome.refused
-            if outcome.error is not None:
-                raise outcome.error
-        if refused:
-            raise ResponseError(refused)
+            progress += self._conclude(outcome)
+            error = error or outcome.error or (outcome.refused and ResponseError(outcome.refused))
+        if error:
+            raise error  # after the batches in flight were finished: back off (``run``)
         self._stall_unless(progress)
 
     def _upkeep(self) -> None:
@@ -162,31 +146,47 @@ class Consumer:
             self._report(self._search_deleted())
         self._keep_ours()
 
-    def _deliveries(self) -> tuple[list[Delivery], Container[bytes], bool]:
-        """The turn's first deliveries: our backlog, else a reclaim page when due, else new
-        entries. With them, the ids to hold, and whether new entries may follow."""
+    def _first_batch(self) -> tuple[Parsed, int, bool]:
+        """The turn's first batch: a page of our backlog, else a reclaim page when due, else
+        new entries; with what in hand is ready. Also how many entries were read, and
+        whether new entries may follow it in this turn."""
         room = self.s.batch_size - len(self.hand)
+        deliveries: list[Delivery] = []
+        unknown: set[bytes] = set()
+        more = False
         if self._backlog is not None:
-            backlog, unknown = self._read_backlog()
-            if backlog:
-                return backlog, unknown, False
-        if self.reclaimer.due() and room > 0:
-            result = self.reclaimer.claim(room)
-            self._forget_deleted(result.deleted)
-            if result.pruned:
-                self.log.info(
-                    "removed idle consumers with nothing pending from the group",
-                    consumers=[c.decode(errors="replace") for c in result.pruned],
-                )
-            claimed = self.hand.claimed(result.claimed)  # those in hand: now theirs to lock
-            if claimed:
-                self.stats.reclaimed += len(claimed)
-                self.log.info("claimed idle entries", count=len(claimed))
-                return claimed, (), not self.reclaimer.due()
-        block = None if self.hand.any_ready(time.monotonic()) else self._block_ms()
-        s = self.s
-        new = stream.read_new(self.client, s.stream, s.group, s.consumer, max(room, 1), block)
-        return new, (), True
+            deliveries, unknown = self._read_backlog()
+        if not deliveries and self._backlog is None and self.reclaimer.due() and room > 0:
+            deliveries = self._claim(room)
+            more = not self.reclaimer.due()
+        if not deliveries and self._backlog is None and room > 0:
+            block = None if self.hand.any_ready(time.monotonic()) else self._block_ms()
+            s = self.s
+            deliveries = stream.read_new(self.client, s.stream, s.group, s.consumer, room, block)
+            more = True
+        first = parse(deliveries)
+        if unknown:
+            self._hold([e for e in first.entries if e.entry_id in unknown])
+            first = first._replace(entries=[e for e in first.entries if e.entry_id not in unknown])
+            self._keep_ours()  # at once: our backlog may have been idle through an outage
+        first.entries.extend(self.hand.take_ready(time.monotonic()))
+        return first, len(deliveries), more
+
+    def _claim(self, room: int) -> list[Delivery]:
+        """A page of the reclaim sweep: entries idle for CLAIM_IDLE_MS, now ours. Those
+        already in hand are updated there (now they need their previous owner's lane)."""
+        result = self.reclaimer.claim(room)
+        self._forget_deleted(result.deleted)
+        if result.pruned:
+            self.log.info(
+                "removed idle consumers with nothing pending from the group",
+                consumers=[c.decode(errors="replace") for c in result.pruned],
+            )
+        claimed = self.hand.claimed(result.claimed)
+        if claimed:
+            self.stats.reclaimed += len(claimed)
+            self.log.info("claimed idle entries", count=len(claimed))
+        return claimed
 
     def _settle_lost_acks(self) -> None:
         """After a lost connection: the XACK of a round trip whose reply was lost may have
@@ -252,8 +252,9 @@ class Consumer:
                     counter=verdict.counter,
                 )
 
-    def _conclude(self, outcome: Outcome) -> None:
-        """After a batch: count it, keep what it gave back in hand, report."""
+    def _conclude(self, outcome: Outcome) -> int:
+        """After a batch: count it, keep what it gave back in hand, report. Returns how
+        many entries it moved on (counted, found counted, dead-lettered, failed)."""
         stats = self.stats
         stats.applied += outcome.applied
         stats.duplicates += outcome.duplicates
@@ -291,6 +292,8 @@ class Consumer:
             lock_wait_ms=round(outcome.lock_wait_ms, 2),
             ms=round((time.perf_counter() - outcome.started) * 1000, 2),
         )
+        moved = outcome.applied + outcome.duplicates + len(outcome.dead_lettered)
+        return moved + len(outcome.failed)
 
     def _stall_unless(self, progress: int) -> None:
         """Entries wait in hand and nothing moved (every lane busy): holding no lock, wait a

@@ -48,7 +48,7 @@ class Driver:
         self.ride_max = settings.batch_size // 4
 
     def drive(
-        self, first: Parsed, *, read: int, more: bool, until: float, stopping: Callable[[], bool]
+        self, first: Parsed, read: int, more: bool, until: float, stopping: Callable[[], bool]
     ) -> Iterator[Outcome]:
         """Run ``first`` (``read`` deliveries) and, if ``more``, the batches of new entries
         that follow it until ``until`` (monotonic); yield each batch's outcome once done.
@@ -65,8 +65,7 @@ class Driver:
                 idle = not ride and nxt is None and not raw and not stopping()
                 alone = busy.alone(outcome) if idle else []
                 yield outcome
-                more = more and not (outcome.busy or outcome.lost or outcome.refused)
-                more = more and not stopping() and time.monotonic() < until
+                more = more and outcome.clean and not stopping() and time.monotonic() < until
                 cur, nxt = nxt, None
                 if cur is None and raw:
                     cur, raw = self._start(parse_new(raw), busy.take_riders()), None
@@ -154,10 +153,12 @@ class _Busy:
             return []
         if self.delays is None:
             self.delays = Backoff(int(self.wait_s * 1000), cap_ms=20).delays()
+        now = time.monotonic()
+        left = self.wait_s - max(now - self.since.get(e.entry_id, now) for e in outcome.busy)
         delay = next(self.delays, None)
-        if delay is None:
+        if delay is None or left <= 0:
             return []
-        self._delay = delay
+        self._delay = min(delay, left)
         entries, outcome.busy = outcome.busy, []
         return entries
 

@@ -24,15 +24,12 @@ class Entry(NamedTuple):
     """One pending entry of ours, parsed: the event and what the replica knows of its
     delivery."""
 
+    entry_id: bytes
     event: Event
     deliveries: int
     """How many times Redis delivered it (reads and claims), as last seen."""
     owner: str | None = None
     """The consumer it was claimed from, if another: that consumer's lane is needed too."""
-
-    @property
-    def entry_id(self) -> bytes:
-        return self.event.entry_id
 
 
 class Hand:

@@ -60,13 +60,14 @@ class Turns:
     ) -> tuple[list[str], list[str]]:
         """The lane keys of one attempt, those that take turns first, and the waiter keys
         of those (lock_acquire.lua's KEYS)."""
-        turn = self.recent | self.queued
+        recent, queued = self.recent, self.queued
         keys = [k for n in lanes for k in lanes[n]]
-        first = [k for n in lanes if (k := lanes[n][0]) in turn]
-        waiters = [counters.waiter_key(n, me) for n in lanes if lanes[n][0] in turn]
+        mine = [(k, n) for n in lanes if (k := lanes[n][0]) in recent or k in queued]
+        first = [k for k, _ in mine]
+        waiters = [counters.waiter_key(n, me) for _, n in mine]
         for n, owners in others.items():
             for owner, k in zip(owners, lanes[n][1:], strict=True):
-                if k in turn:
+                if k in recent or k in queued:
                     first.append(k)
                     waiters.append(counters.waiter_key(n, owner))
         if first:
