@@ -332,3 +332,28 @@ def test_entry_back_in_hand_after_an_outage_is_claimed_ours_at_once(
     assert other.reclaimer.claim(10).claimed == []
     turn_until(consumer, lambda: drained(r))
     assert values(r, {"a"}) == {"a": 4}
+
+
+def test_held_entries_filling_a_batch_neither_stop_new_entries_nor_spin(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    # After a lost connection, a whole batch of our pending entries is held (delivered
+    # twice, past owners unknown): new entries are still read and counted meanwhile, and
+    # the loop waits in its read rather than turning as fast as it can.
+    ensure_group(r, STREAM, GROUP)
+    held = [push(r, "old", 1) for _ in range(5)]
+    r.xreadgroup(GROUP, "w0", {STREAM: ">"}, count=10)
+    r.xclaim(STREAM, GROUP, "live", 0, held)
+    consumer = make_consumer(batch_size=5, lock_ttl_ms=400, claim_idle_ms=600_000)
+    consumer.start_over()
+    consumer.turn()
+    assert len(consumer.hand.held_entries) == 5
+    push(r, "new", 7)
+    turns, until = 0, time.monotonic() + 0.3
+    while time.monotonic() < until:
+        consumer.turn()
+        turns += 1
+    assert values(r, {"old", "new"}) == {"old": 0, "new": 7}
+    assert turns < 50, f"{turns} turns in 0.3 s: spinning"
+    turn_until(consumer, lambda: drained(r))
+    assert values(r, {"old"}) == {"old": 5}

@@ -16,7 +16,7 @@
 
 Each stage is a function from values to values: a ``Round`` to send, or what its replies
 decided. ``Batch`` strings them together; a driver (``worker.driver``) sends its rounds and
-hands back the replies. While Redis runs a round, ``Batch.prepare`` builds the next round as
+hands back the replies. While Redis runs a round, ``Batch.plan_ahead`` builds the next round as
 if all goes well (every lane taken, every entry confirmed, every write done), and the batch
 uses it when it did: this process and Redis then work at the same time.
 
@@ -130,7 +130,7 @@ def parse(deliveries: Sequence[Delivery]) -> Parsed:
     return parsed
 
 
-def parse_new(reply: Any) -> Parsed:
+def parse_read(reply: Any) -> Parsed:
     """``parse`` of a read of new entries (XREADGROUP >): each delivered once, no owner."""
     if not reply:
         return Parsed([], [], [])
@@ -334,7 +334,7 @@ class Finish(NamedTuple):
     dead: list[Rejected]
 
 
-def finish(
+def finish_round(
     p: Protocol,
     token: str,
     acked: Mapping[str, list[Entry]],
@@ -395,7 +395,7 @@ class Stage(Enum):
 
 
 class Batch:
-    """One batch's way through the stages. The driver sends ``round``, may call ``prepare``
+    """One batch's way through the stages. The driver sends ``round``, may call ``plan_ahead``
     while Redis runs it, and gives the replies to ``advance``; ``outcome`` is final once
     ``stage`` is DONE. Errors of the stages before the finish are raised (nothing was
     acknowledged; the locks expire by TTL)."""
@@ -424,18 +424,18 @@ class Batch:
             self.stage = Stage.TAKE_LANES
             self.round, self.keys = take_lanes(p, self.lanes, others, self.token, self._count)
         else:
-            self._to_finish([])
+            self._go_finish([])
 
     @property
     def done(self) -> bool:
         return self.stage is Stage.DONE
 
-    def prepare(self) -> None:
+    def plan_ahead(self) -> None:
         """While Redis runs ``round``: build the next round as if all goes well."""
         if self.stage is Stage.TAKE_LANES:
             self._guess = plan_writes(self.p, self.by_counter, self.token, self.lanes)
         elif self.stage is Stage.WRITE and self._writes == 0:
-            self._guess = self._finish(self.work, [])  # (busy counters are not in the work)
+            self._guess = self._finish_round(self.work, [])  # (busy counters are not in the work)
 
     def advance(self, replies: list[Any]) -> None:
         if self.stage is Stage.TAKE_LANES:
@@ -494,7 +494,7 @@ class Batch:
                 )
         self._guess = None
         if self.plan is None or not self.plan.writes:
-            self._to_finish([])
+            self._go_finish([])
         else:
             self.stage, self.round = Stage.WRITE, Round("write", [self.plan.call])
 
@@ -520,7 +520,7 @@ class Batch:
             self.round = Round("write", [call])
             return
         self._ride_along(self.plan.followers)
-        self._to_finish(worn_out(self.p, self.outcome))
+        self._go_finish(worn_out(self.p, self.outcome))
 
     def _ride_along(self, followers: dict[bytes, list[Entry]]) -> None:
         """Entries that repeat an event_id of the batch share their first one's fate."""
@@ -535,14 +535,14 @@ class Batch:
             busy = set(self.taken.busy)
             self.outcome.lost += (e for e in extra if e.event.counter not in busy)
 
-    def _to_finish(self, worn: list[Rejected]) -> None:
-        done = self._finish(self.acked, worn)
+    def _go_finish(self, worn: list[Rejected]) -> None:
+        done = self._finish_round(self.acked, worn)
         self.stage, self.round, self._guess = Stage.FINISH, done.round, done
         if not done.round.calls:
             self.stage = Stage.DONE
 
-    def _finish(self, acked: Mapping[str, list[Entry]], worn: list[Rejected]) -> Finish:
+    def _finish_round(self, acked: Mapping[str, list[Entry]], worn: list[Rejected]) -> Finish:
         released = self.taken.locked + self.taken.partial
-        return finish(
+        return finish_round(
             self.p, self.token, acked, released, self.lanes, self.rejected + worn, self.gone
         )

@@ -34,7 +34,7 @@ from worker import counters, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import Outcome, Parsed, Protocol, parse
 from worker.connection import check_no_eviction, ensure_group, is_transient
-from worker.deleted import DeletedEntries, Verdict
+from worker.deleted import DeletedEntries
 from worker.driver import Driver
 from worker.errors import EvictingRedis, GroupDeleted
 from worker.hand import Entry, Hand
@@ -64,7 +64,7 @@ class Consumer:
         self.reclaimer = Reclaimer(
             client, settings.stream, settings.group, settings.consumer, settings.claim_idle_ms
         )
-        self.deleted = DeletedEntries(client, settings.stream, settings.lock_ttl_ms)
+        self.deleted = DeletedEntries(client, settings.stream, settings.lock_ttl_ms, log)
         """Pending entries deleted from the stream: were they counted? (a little a turn)"""
         self.pipe = Pipe(client)
         self.driver = Driver(self.pipe, Protocol(settings, log), settings)
@@ -143,14 +143,14 @@ class Consumer:
         if self._lost_acks:
             self._settle_lost_acks()
         if self.deleted.busy():
-            self._report(self._search_deleted())
+            self.deleted.walk_and_report()
         self._keep_ours()
 
     def _first_batch(self) -> tuple[Parsed, int, bool]:
         """The turn's first batch: a page of our backlog, else a reclaim page when due, else
         new entries; with what in hand is ready. Also how many entries were read, and
         whether new entries may follow it in this turn."""
-        room = self.s.batch_size - len(self.hand)
+        room = self.s.batch_size - len(self.hand.waiting)  # held entries wait apart
         deliveries: list[Delivery] = []
         unknown: set[bytes] = set()
         more = False
@@ -176,7 +176,7 @@ class Consumer:
         """A page of the reclaim sweep: entries idle for CLAIM_IDLE_MS, now ours. Those
         already in hand are updated there (now they need their previous owner's lane)."""
         result = self.reclaimer.claim(room)
-        self._forget_deleted(result.deleted)
+        self.deleted.found(result.deleted)
         if result.pruned:
             self.log.info(
                 "removed idle consumers with nothing pending from the group",
@@ -200,57 +200,6 @@ class Consumer:
         done = {n: [i for i in acked if i not in still] for n, acked in self._lost_acks.items()}
         counters.expire_soon(self.client, s.stream.encode(), done, s.lock_ttl_ms)
         self._lost_acks = {}
-
-    def _forget_deleted(self, ids: list[bytes]) -> None:
-        """Pending entries found deleted from the stream are out of the pending list (the
-        claim dropped them, or we acknowledged them): look for their markers, to tell
-        whether they were counted (``worker.deleted``)."""
-        if not ids:
-            return
-        self.log.info(
-            "pending entries were deleted from the stream; looking for their markers to "
-            "tell whether they were counted",
-            ids=[i.decode() for i in ids],
-        )
-        left_out = self.deleted.add(ids)
-        if left_out:
-            self.log.warning(
-                "too many deleted entries to look for: whether these were counted is unknown",
-                count=len(left_out),
-                ids=[i.decode() for i in left_out[:10]],
-            )
-
-    def _search_deleted(self) -> list[Verdict]:
-        """A little more of the search (``worker.deleted``); it gives up on an error that
-        will not pass (say, SCAN refused by an ACL): it must not stop the counting."""
-        try:
-            return self.deleted.walk()
-        except ResponseError as exc:
-            if is_transient(exc):
-                raise
-            ids = self.deleted.give_up()
-            self.log.warning(
-                "could not look for the markers of deleted entries: whether they were "
-                "counted is unknown",
-                error=str(exc),
-                count=len(ids),
-                ids=[i.decode() for i in ids[:10]],
-            )
-            return []
-
-    def _report(self, verdicts: list[Verdict]) -> None:
-        for verdict in verdicts:
-            if verdict.counter is None:
-                self.log.warning(
-                    "entry deleted from the stream before it was counted: that event is lost",
-                    entry_id=verdict.entry_id.decode(),
-                )
-            else:
-                self.log.info(
-                    "entry deleted from the stream had been counted: nothing lost",
-                    entry_id=verdict.entry_id.decode(),
-                    counter=verdict.counter,
-                )
 
     def _conclude(self, outcome: Outcome) -> int:
         """After a batch: count it, keep what it gave back in hand, report. Returns how
@@ -277,7 +226,7 @@ class Consumer:
                 deliveries=entry.deliveries,
                 error=error,
             )
-        self._forget_deleted(outcome.deleted)
+        self.deleted.found(outcome.deleted)
         self.hand.wait(outcome.busy + outcome.lost)
         self._hold(outcome.held)
         self._keep_ours()  # at once for entries that came into hand: they may have waited
@@ -325,9 +274,10 @@ class Consumer:
         if due is None or time.monotonic() < due:
             return
         s = self.s
+        now = time.monotonic()  # before the call: the idle times are reset after it
         kept = stream.claim_own(self.client, s.stream, s.group, s.consumer, self.hand.ids())
-        self._forget_deleted(kept.deleted)
-        self._hold(self.hand.kept(kept.counts, time.monotonic()))
+        self.deleted.found(kept.deleted)
+        self._hold(self.hand.kept(kept.counts, now))
 
     def _read_backlog(self) -> tuple[list[Delivery], set[bytes]]:
         """A page of our own pending list (after a start or an error), and the ids among it

@@ -18,8 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis
+import structlog
+from redis.exceptions import ResponseError
 
 from worker import counters
+from worker.connection import is_transient
 
 MARKERS_KEYS = "sc:{*}:applied"
 PAGE = 100
@@ -40,8 +43,15 @@ class Verdict:
 
 
 class DeletedEntries:
-    def __init__(self, client: redis.Redis, stream: str, lock_ttl_ms: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        lock_ttl_ms: int,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
         self.client = client
+        self.log = log or structlog.get_logger()
         self.stream_key = stream.encode()
         self.lock_ttl_ms = lock_ttl_ms
         self._looking: set[bytes] = set()
@@ -72,6 +82,56 @@ class DeletedEntries:
         ids = sorted(self._looking | self._queued)
         self._looking, self._queued, self._cursor = set(), set(), 0
         return ids
+
+    def found(self, ids: list[bytes]) -> None:
+        """Pending entries found deleted from the stream are out of the pending list (the
+        claim dropped them, or we acknowledged them): look for their markers, to tell
+        whether they were counted."""
+        if not ids:
+            return
+        self.log.info(
+            "pending entries were deleted from the stream; looking for their markers to "
+            "tell whether they were counted",
+            ids=[i.decode() for i in ids],
+        )
+        left_out = self.add(ids)
+        if left_out:
+            self.log.warning(
+                "too many deleted entries to look for: whether these were counted is unknown",
+                count=len(left_out),
+                ids=[i.decode() for i in left_out[:10]],
+            )
+
+    def walk_and_report(self) -> None:
+        """A little more of the walk, and a log line per entry told apart. It gives up on an
+        error that will not pass (say, SCAN refused by an ACL): that must not stop the
+        counting. A transient error is raised (the loop backs off)."""
+        try:
+            verdicts = self.walk()
+        except ResponseError as exc:
+            if is_transient(exc):
+                raise
+            ids = self.give_up()
+            self.log.warning(
+                "could not look for the markers of deleted entries: whether they were "
+                "counted is unknown",
+                error=str(exc),
+                count=len(ids),
+                ids=[i.decode() for i in ids[:10]],
+            )
+            return
+        for verdict in verdicts:
+            if verdict.counter is None:
+                self.log.warning(
+                    "entry deleted from the stream before it was counted: that event is lost",
+                    entry_id=verdict.entry_id.decode(),
+                )
+            else:
+                self.log.info(
+                    "entry deleted from the stream had been counted: nothing lost",
+                    entry_id=verdict.entry_id.decode(),
+                    counter=verdict.counter,
+                )
 
     def walk(self) -> list[Verdict]:
         """Walk on for BUDGET_S (a page at least): the ids whose marker it found, and those

@@ -32,7 +32,7 @@ from typing import Any
 from config import Settings
 from worker import stream
 from worker.backoff import Backoff
-from worker.batch import Batch, Outcome, Parsed, Protocol, Stage, parse_new
+from worker.batch import Batch, Outcome, Parsed, Protocol, Stage, parse_read
 from worker.hand import Entry
 from worker.scripts import Pipe, Round
 
@@ -48,12 +48,12 @@ class Driver:
         self.ride_max = settings.batch_size // 4
 
     def drive(
-        self, first: Parsed, read: int, more: bool, until: float, stopping: Callable[[], bool]
+        self, first: Parsed, count: int, more: bool, until: float, stopping: Callable[[], bool]
     ) -> Iterator[Outcome]:
-        """Run ``first`` (``read`` deliveries) and, if ``more``, the batches of new entries
+        """Run ``first`` (``count`` entries read) and, if ``more``, the batches of new entries
         that follow it until ``until`` (monotonic); yield each batch's outcome once done.
         Raises the error of a failed read once what was in flight is done."""
-        cur: Batch | None = Batch(self.p, first, read)
+        cur: Batch | None = Batch(self.p, first, count)
         nxt: Batch | None = None
         raw: Any = None  # a read's reply, parsed when its batch starts
         read_error: Exception | None = None
@@ -62,13 +62,13 @@ class Driver:
             if cur.done:
                 outcome = cur.outcome
                 ride = busy.ride(outcome, bool(raw))
-                idle = not ride and nxt is None and not raw and not stopping()
-                alone = busy.alone(outcome) if idle else []
+                nothing_to_ride = not ride and nxt is None and not raw and not stopping()
+                alone = busy.alone(outcome) if nothing_to_ride else []
                 yield outcome
                 more = more and outcome.clean and not stopping() and time.monotonic() < until
                 cur, nxt = nxt, None
                 if cur is None and raw:
-                    cur, raw = self._start(parse_new(raw), busy.take_riders()), None
+                    cur, raw = self._start(parse_read(raw), busy.take_riders()), None
                 elif cur is None and alone:
                     cur = busy.retry(self.p, alone)
                 continue
@@ -82,9 +82,9 @@ class Driver:
             self.pipe.send(rounds)
             try:
                 for b in owners:  # while Redis works: prepare what comes next
-                    b.prepare()
+                    b.plan_ahead()
                 if raw and nxt is None:
-                    nxt, raw = self._start(parse_new(raw), busy.take_riders()), None
+                    nxt, raw = self._start(parse_read(raw), busy.take_riders()), None
             except BaseException:
                 self.pipe.reset()  # no later recv may read this send's replies
                 raise
@@ -128,6 +128,7 @@ class _Busy:
         us on its next attempt); taken out of ``outcome.busy``."""
         entries = outcome.busy
         if not entries:
+            self.delays = None  # the next busy entries get LOCK_WAIT_MS of backoff anew
             return False
         now = time.monotonic()
         for e in entries:

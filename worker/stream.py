@@ -32,7 +32,8 @@ def read_new(
     client: redis.Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
 ) -> list[Delivery]:
     """Entries never delivered to anyone (XREADGROUP >): delivery count 1."""
-    return parse_new(scripts.raw(client, *read_call(stream, group, consumer, count, block_ms).args))
+    reply = scripts.raw(client, *read_call(stream, group, consumer, count, block_ms).args)
+    return [Delivery(entry[0], entry[1], 1) for entry in reply[0][1]] if reply else []
 
 
 def read_call(stream: str, group: str, consumer: str, count: int, block_ms: int | None) -> Call:
@@ -41,13 +42,6 @@ def read_call(stream: str, group: str, consumer: str, count: int, block_ms: int 
     if block_ms is not None:
         args += ["BLOCK", block_ms]
     return Call.command(*args, "STREAMS", stream, ">")
-
-
-def parse_new(reply: Any) -> list[Delivery]:
-    """The reply of ``read_call``: deliveries with a delivery count of 1."""
-    if not reply:
-        return []
-    return [Delivery(entry[0], entry[1], 1) for entry in reply[0][1]]
 
 
 def read_own_pending(
@@ -142,8 +136,10 @@ def claim_own(
 ) -> Kept:
     """Of ``ids``, the entries still pending for ``consumer``, claimed to it again (idle
     time reset, no delivery counted), and those found deleted (see claim_own.lua)."""
-    calls = claim_own_calls(stream, group, consumer, ids)
-    return parse_claim_own([CLAIM_OWN(client, c.keys, c.args) for c in calls])
+    pipe = client.pipeline(transaction=False)
+    for call in claim_own_calls(stream, group, consumer, ids):
+        pipe.eval(CLAIM_OWN.source.decode(), len(call.keys), *call.keys, *call.args)
+    return parse_claim_own(pipe.execute(raise_on_error=False))
 
 
 def claim_own_calls(stream: str, group: str, consumer: str, ids: Sequence[bytes]) -> list[Call]:
