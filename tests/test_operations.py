@@ -26,11 +26,15 @@ from helpers import (
 )
 
 from config import Settings
-from worker import counters
+from worker import counters, replicas
 from worker.connection import connect, ensure_group
 from worker.errors import ExitCode
 from worker.events import parse
 from worker.reclaim import Reclaimer
+
+
+def consumers(r: redis.Redis) -> set[bytes]:
+    return {bytes(c["name"]) for c in r.xinfo_consumers(STREAM, GROUP)}
 
 
 def test_deleted_group_is_not_recreated_from_the_start_and_nothing_is_counted_twice(
@@ -77,6 +81,42 @@ def test_names_of_dead_replicas_with_nothing_pending_are_removed_from_the_group(
     assert names == {b"dead-busy"}  # its pending entry keeps it until someone claims it
 
 
+def test_idle_replicas_that_say_they_are_alive_are_never_removed_from_the_group(
+    r: redis.Redis, redis_server: Any
+) -> None:
+    # Redis 7.0: a read that returns nothing does not reset a consumer's idle time, so a
+    # live replica on a quiet stream looks as idle as a dead one; its heartbeat keeps it.
+    ensure_group(r, STREAM, GROUP)
+    for name in ("dead-idle", "live-idle"):
+        push(r, "a", 1)
+        ((entry, _),) = r.xreadgroup(GROUP, name, {STREAM: ">"}, count=1)[0][1]
+        r.xack(STREAM, GROUP, entry)
+    settings = Settings(redis_url=redis_server.url, consumer="live")
+    reclaimer = Reclaimer(connect(settings), STREAM, GROUP, "live", 100)
+    time.sleep(1.1)  # both idle for 10 x CLAIM_IDLE_MS
+    replicas.beat(r, STREAM, "live-idle", 10_000)  # as it does every reclaim interval
+    assert reclaimer.prune_consumers() == [b"dead-idle"]
+    assert consumers(r) == {b"live-idle"}
+    assert set(replicas.live(r, STREAM, 5_000)) == {"live-idle"}
+
+
+def test_a_running_replica_is_listed_live_and_leaves_the_list_on_shutdown(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    consumer = make_consumer()
+    consumer.turn()
+    (age,) = replicas.live(r, STREAM, 5_000).values()
+    assert 0 <= age < 1_000
+    consumer.hand_back()
+    assert replicas.live(r, STREAM, 5_000) == {}
+
+
+def test_replicas_set_shares_the_streams_cluster_slot() -> None:
+    assert replicas.replicas_key("events") == "{events}:replicas"
+    assert replicas.replicas_key("{tenant-1}:events") == "{tenant-1}:events:replicas"
+    assert replicas.replicas_key("odd{name") == "{odd{name}:replicas"  # tag: "odd{name"
+
+
 def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     r: redis.Redis,
 ) -> None:
@@ -91,10 +131,6 @@ def test_a_replica_with_a_shorter_window_does_not_shorten_existing_markers(
     retry = parse(b"3-0", [b"counter", b"w", b"event_id", b"k1"])
     assert apply_events(r, "w", "t", [retry], 1_000).outcome is counters.Written.ALREADY_APPLIED
     assert values(r, {"w"}) == {"w": 2}
-
-
-def consumers(r: redis.Redis) -> set[bytes]:
-    return {bytes(c["name"]) for c in r.xinfo_consumers(STREAM, GROUP)}
 
 
 def test_replica_with_nothing_pending_leaves_the_group_on_shutdown(

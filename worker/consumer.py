@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Settings
-from worker import counters, scripts, stream
+from worker import counters, lag, replicas, scripts, stream
 from worker.backoff import full_jitter, reconnect_delay
 from worker.batch import Outcome, Parsed, Protocol, parse
 from worker.connection import check_no_eviction, ensure_group, is_transient
@@ -134,11 +134,16 @@ class Consumer:
         self._stall_unless(progress)
 
     def _upkeep(self) -> None:
-        """What is due before the next batch: the eviction check (it raises EvictingRedis,
-        and the loop waits), lost acknowledgements, the deleted entries' search, the
-        keep-ours claim."""
+        """What is due before the next batch: each reclaim interval, the eviction check (it
+        raises EvictingRedis, and the loop waits) and the heartbeat; lost acknowledgements,
+        the deleted entries' search, the keep-ours claim."""
         if time.monotonic() >= self._next_server_check:
             check_no_eviction(self.client)
+            s = self.s
+            replicas.beat(self.client, s.stream, s.consumer, s.claim_idle_ms * 10)
+            found = lag.group_lag(self.client, s.stream, s.group, repair=True)
+            if found is not None and found.repaired:
+                self.log.warning("redis reported a wrong lag for the drained group; repaired")
             self._next_server_check = time.monotonic() + self.reclaimer.interval
         if self._lost_acks:
             self._settle_lost_acks()
@@ -341,7 +346,8 @@ class Consumer:
         nothing pending at all, remove it from the group so names do not pile up."""
         self.hand.drop()
         try:
-            LEAVE(self.client, [self.s.stream], [self.s.group, self.s.consumer])
+            keys = [self.s.stream, replicas.replicas_key(self.s.stream)]
+            LEAVE(self.client, keys, [self.s.group, self.s.consumer])
         except redis.RedisError as exc:
             self.log.warning("could not tidy the consumer up on shutdown", error=str(exc))
         self.log.info("stopped", **self.stats.as_dict())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from worker import scripts
+from worker import replicas, scripts
 from worker.stream import Delivery
 
 PRUNE = scripts.Script.load("prune_consumers")
@@ -75,9 +75,13 @@ class Reclaimer:
         return ClaimResult(claimed=claimed, deleted=[bytes(i) for i in reply[2]], pruned=pruned)
 
     def prune_consumers(self) -> list[bytes]:
-        """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS."""
-        idle_ms = self.min_idle_ms * 10
-        result = PRUNE(self.client, [self.stream], [self.group, idle_ms, self.consumer])
+        """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS, whose
+        replica has not said lately that it is alive (``worker.replicas``)."""
+        keys = [self.stream, replicas.replicas_key(self.stream)]
+        live_ms = replicas.live_window_ms(self.interval)
+        result = PRUNE(
+            self.client, keys, [self.group, self.min_idle_ms * 10, self.consumer, live_ms]
+        )
         return [bytes(name) for name in result]
 
     def restart(self) -> None:
