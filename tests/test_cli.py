@@ -241,6 +241,69 @@ def test_events_produced_with_cli_are_counted_exactly_by_a_worker(
     assert worker.proc.poll() is None
 
 
+# -- status --------------------------------------------------------------------------------
+
+
+def test_status_json_shows_a_drained_group_its_dead_letters_and_the_live_replica(
+    redis_server: Any, r: redis.Redis, spawn_worker: Any
+) -> None:
+    for i in range(20):
+        push(r, f"c{i % 3}", 1)
+    r.xadd(STREAM, {"counter": "x", "amount": "-1"})  # invalid: dead-lettered
+    worker = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, timeout=20)
+    proc = cli(redis_server.url, "status", "--json")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    status = json.loads(proc.stdout)
+    assert (status["length"], status["lag"], status["lag_exact"]) == (21, 0, True)
+    assert (status["pending"], status["oldest_pending_age_ms"]) == (0, None)
+    assert status["dead_letter_length"] == 1
+    assert status["live_replicas"] == ["worker-0"]
+    assert [(c["name"], c["pending"], c["live"]) for c in status["consumers"]] == [
+        ("worker-0", 0, True)
+    ]
+    assert worker.proc.poll() is None
+
+
+def test_status_shows_entries_pending_for_a_dead_consumer_and_their_age(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    push(r, "a", 1)
+    push(r, "a", 1)
+    r.xgroup_create(STREAM, "stream-counter", id="0")
+    r.xreadgroup("stream-counter", "dead", {STREAM: ">"}, count=1)
+    status = json.loads(cli(redis_server.url, "status", "--json").stdout)
+    assert (status["lag"], status["pending"], status["live_replicas"]) == (1, 1, [])
+    assert status["consumers"][0]["name"] == "dead"
+    assert status["consumers"][0]["live"] is False
+    assert 0 <= status["oldest_pending_age_ms"] < 60_000
+
+
+def test_status_on_a_terminal_is_a_readable_table(redis_server: Any, r: redis.Redis) -> None:
+    push(r, "a", 1)
+    r.xgroup_create(STREAM, "stream-counter", id="0")
+    r.xreadgroup("stream-counter", "w1", {STREAM: ">"}, count=1)
+    proc = cli(redis_server.url, "status")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    for words in ("stream", "events (1 entries)", "lag", "pending", "1 (oldest", "consumers"):
+        assert words in proc.stdout
+    assert "w1" in proc.stdout
+
+
+def test_status_of_a_missing_stream_exits_1_with_one_line(redis_server: Any) -> None:
+    proc = cli(redis_server.url, "status")
+    assert proc.returncode == ExitCode.FAILURE
+    assert proc.stderr.strip().splitlines() == ["stream-counter: stream 'events' does not exist"]
+
+
+def test_status_when_redis_is_unreachable_exits_5_without_the_password() -> None:
+    port = _free_port()
+    proc = cli(f"redis://:pw-hidden-2@127.0.0.1:{port}/0", "status")
+    assert proc.returncode == ExitCode.UNAVAILABLE
+    assert "pw-hidden-2" not in proc.stderr + proc.stdout
+    assert f"redis://:***@127.0.0.1:{port}/0" in proc.stderr
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 

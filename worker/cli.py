@@ -1,4 +1,4 @@
-"""``stream-counter run | get | produce``.
+"""``stream-counter run | get | produce | status``.
 
 Configuration comes from ``STREAM_COUNTER_*`` environment variables, each overridable by
 the flag of the same name (``STREAM_COUNTER_BATCH_SIZE`` / ``--batch-size``). Invalid
@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from rich.console import Console
 
 from config import ENV_PREFIX, Settings
 from worker import __version__, counters, events
@@ -25,6 +26,7 @@ from worker.consumer import Consumer, sleep_unless
 from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
 from worker.logs import configure, scrub
 from worker.shutdown import Shutdown
+from worker.status import read_status, render
 
 # Flags shared by every command; ``run`` takes every setting (config.Settings.describe).
 _COMMON = ("redis_url", "stream")
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--decr", action="store_true", help="decrement instead of increment")
     produce.add_argument("--amount", default=None, help="1 .. 2^63-1 (default 1)")
     produce.add_argument("--event-id", dest="event_id", default=None, help="idempotency key")
+
+    status = sub.add_parser("status", help="the stream, its group, lag, pending, replicas")
+    _add(status, (*_COMMON, "group", "dead_letter_stream", "claim_idle_ms"))
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     return parser
 
 
@@ -103,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(settings)
     if args.command == "get":
         return get(settings, args.names, as_json=args.json)
+    if args.command == "status":
+        return status(settings, as_json=args.json)
     return produce(settings, args.name, decr=args.decr, amount=args.amount, event_id=args.event_id)
 
 
@@ -201,6 +209,27 @@ def produce(
     finally:
         client.close()
     print(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+    return ExitCode.OK
+
+
+def status(settings: Settings, *, as_json: bool) -> int:
+    client = connect(settings)
+    try:
+        found = read_status(client, settings)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return _unreachable(settings, exc)
+    except redis.RedisError as exc:  # e.g. the stream key holds another type, an ACL
+        print(f"stream-counter: cannot read the status: {scrub(str(exc))}", file=sys.stderr)
+        return ExitCode.FAILURE
+    finally:
+        client.close()
+    if found is None:
+        print(f"stream-counter: stream {settings.stream!r} does not exist", file=sys.stderr)
+        return ExitCode.FAILURE
+    if as_json:
+        print(json.dumps(found.as_json()))
+    else:
+        render(found, Console())
     return ExitCode.OK
 
 
