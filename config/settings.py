@@ -156,6 +156,14 @@ class Settings(BaseSettings):
         description="after the first signal, exit forcibly after this long; at least "
         "`BLOCK_MS` + `LOCK_WAIT_MS` + 1000",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65_535,
+        description="serve Prometheus `/metrics`, `/healthz` and `/readyz` on this port (all "
+        "interfaces); off when unset",
+        json_schema_extra={"metavar": "PORT", "shown": "off"},
+    )
     log_level: LogLevel = Field(
         LogLevel.INFO,
         description="`DEBUG` logs one line per batch",

@@ -266,6 +266,7 @@ def make_consumer(redis_server: Any, logs: Logs) -> MakeConsumer:
     ``logs``."""
 
     def make(**overrides: Any) -> Consumer:
+        metrics = overrides.pop("metrics", None)
         options: dict[str, Any] = {
             "redis_url": redis_server.url,
             "consumer": "live",
@@ -277,7 +278,7 @@ def make_consumer(redis_server: Any, logs: Logs) -> MakeConsumer:
         options.update(overrides)
         settings = Settings(**options)
         log = structlog.get_logger("stream-counter").bind(consumer=settings.consumer)
-        consumer = Consumer(connect(settings), settings, log)
+        consumer = Consumer(connect(settings), settings, log, metrics=metrics)
         ensure_group(consumer.client, settings.stream, settings.group)
         return consumer
 

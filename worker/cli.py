@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
 from worker.errors import ExitCode, InvalidEvent, RedisUnsupported
 from worker.logs import configure, scrub
+from worker.metrics import Metrics, serve
 from worker.shutdown import Shutdown
 from worker.status import read_status, render
 
@@ -129,9 +131,20 @@ def run(settings: Settings) -> int:
         ),
     )
     client = connect(settings)
+    metrics = Metrics() if settings.metrics_port is not None else None
+    consumer = Consumer(client, settings, log, shutdown.requested, metrics)
+    server = None
     try:
+        if metrics is not None and settings.metrics_port is not None:
+            try:
+                server = serve(settings.metrics_port, metrics, consumer.alive, consumer.ready)
+            except OSError as exc:
+                log.error("cannot serve metrics", port=settings.metrics_port, error=str(exc))
+                return ExitCode.CONFIG
+            log.info("serving metrics, /healthz and /readyz", port=settings.metrics_port)
         attempt = 0
         while not shutdown.requested():
+            consumer.last_progress = time.monotonic()  # waiting for Redis is progress too
             try:
                 version = check_server(client)
                 log.info("connected", redis_version=version)
@@ -150,7 +163,7 @@ def run(settings: Settings) -> int:
                 )
                 sleep_unless(shutdown.requested, delay)
         if not shutdown.requested():
-            Consumer(client, settings, log, shutdown.requested).run()
+            consumer.run()
     except RedisUnsupported as exc:
         log.error("redis cannot run this worker", error=str(exc))
         return ExitCode.REDIS
@@ -158,6 +171,8 @@ def run(settings: Settings) -> int:
         log.exception("worker failed")
         return ExitCode.FAILURE
     finally:
+        if server is not None:
+            server.shutdown()
         client.close()
     log.info("exiting", signal=shutdown.signal_name or None)
     return ExitCode.OK

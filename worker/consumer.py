@@ -39,9 +39,11 @@ from worker.driver import Driver
 from worker.errors import EvictingRedis, GroupDeleted
 from worker.hand import Entry, Hand
 from worker.lanes import settle_s
+from worker.metrics import Metrics
 from worker.reclaim import Reclaimer
 from worker.scripts import Pipe
 from worker.stats import Stats
+from worker.status import read_status
 from worker.stream import Delivery
 
 LEAVE = scripts.Script.load("leave_group")
@@ -54,8 +56,10 @@ class Consumer:
         settings: Settings,
         log: structlog.typing.FilteringBoundLogger,
         stopping: Callable[[], bool] = lambda: False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.s = settings
         self.log = log
         self.stopping = stopping
@@ -75,6 +79,10 @@ class Consumer:
         self._rng = random.Random()
         self._next_server_check = 0.0
         """When to check Redis' maxmemory-policy again (each reclaim interval)."""
+        self.last_progress = time.monotonic()
+        """When the loop last went round (``alive``)."""
+        self.reachable = False
+        self.group_ready = False
         self._lost_acks: dict[str, set[bytes]] = {}
         """Entries (per counter) acknowledged by a round trip whose reply was lost: their
         markers may have stayed (``_settle_lost_acks``)."""
@@ -83,13 +91,14 @@ class Consumer:
 
     def run(self) -> None:
         last_report = time.monotonic()
-        group_ready = False
         while not self.stopping():
+            self.last_progress = time.monotonic()
             try:
-                if not group_ready:
+                if not self.group_ready:
                     ensure_group(self.client, self.s.stream, self.s.group)
-                    group_ready = True
+                    self.group_ready = True
                 self.turn()
+                self.reachable = True
                 if self._connection_failures:
                     self.log.info("redis reachable again", after_failures=self._connection_failures)
                     self._connection_failures = 0
@@ -109,7 +118,7 @@ class Consumer:
                 elif str(exc).startswith("NOGROUP"):
                     self.log.warning("consumer group missing", error=str(exc))
                     self.start_over()
-                    group_ready = False
+                    self.group_ready = False
                 else:
                     raise
             if time.monotonic() - last_report >= 10:
@@ -144,6 +153,8 @@ class Consumer:
             found = lag.group_lag(self.client, s.stream, s.group, repair=True)
             if found is not None and found.repaired:
                 self.log.warning("redis reported a wrong lag for the drained group; repaired")
+            if self.metrics is not None and (state := read_status(self.client, s)) is not None:
+                self.metrics.redis_state(state)
             self._next_server_check = time.monotonic() + self.reclaimer.interval
         if self._lost_acks:
             self._settle_lost_acks()
@@ -190,6 +201,8 @@ class Consumer:
         claimed = self.hand.claimed(result.claimed)
         if claimed:
             self.stats.reclaimed += len(claimed)
+            if self.metrics is not None:
+                self.metrics.claimed.inc(len(claimed))
             self.log.info("claimed idle entries", count=len(claimed))
         return claimed
 
@@ -216,6 +229,8 @@ class Consumer:
         stats.lock_lost += outcome.lock_lost
         stats.write_failures += outcome.write_failures
         stats.dead_lettered += len(outcome.dead_lettered)
+        if self.metrics is not None:
+            self.metrics.batch(outcome)
         for item in outcome.dead_lettered:
             self.log.warning(
                 "entry dead-lettered",
@@ -328,7 +343,25 @@ class Consumer:
         self.reclaimer.restart()
         self.deleted.restart()
 
+    def alive(self) -> tuple[bool, str]:
+        """Liveness (``/healthz``): the loop went round lately. A turn waits at most a read
+        (BLOCK_MS), a command (its socket timeout, BLOCK_MS + 10 s) or a backoff (5 s)."""
+        quiet = time.monotonic() - self.last_progress
+        limit = 2 * (self.s.block_ms / 1000 + 10) + 10
+        return quiet < limit, f"the loop went round {quiet:.1f} s ago (limit {limit:.0f} s)"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness (``/readyz``): the last turn reached Redis, and the group exists."""
+        if not self.reachable:
+            return False, "redis is not reachable"
+        if not self.group_ready:
+            return False, f"consumer group {self.s.group!r} is missing"
+        return True, "connected, group in place"
+
     def _on_unavailable(self, exc: Exception) -> None:
+        self.reachable = False
+        if self._connection_failures == 0 and self.metrics is not None:
+            self.metrics.reconnects.inc()
         self._connection_failures += 1
         self.start_over()
         delay = reconnect_delay(self._connection_failures)

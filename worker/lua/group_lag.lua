@@ -24,7 +24,7 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
     local last = info['last-delivered-id']
     if last == s['last-generated-id'] then
       local repaired = 0
-      if ARGV[3] == '1' and (info['lag'] ~= 0 or info['entries-read'] ~= s['entries-added']) then
+      if ARGV[3] == '1' and info['lag'] ~= 0 then
         redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', s['entries-added'])
         repaired = 1
       end
