@@ -20,7 +20,7 @@ import redis
 from helpers import STREAM, push, values, wait_drained, wait_until
 
 from config import ENV_PREFIX
-from worker import counters
+from worker import counters, replicas
 from worker.errors import ExitCode
 
 ROOT = Path(__file__).parent.parent
@@ -302,6 +302,52 @@ def test_status_when_redis_is_unreachable_exits_5_without_the_password() -> None
     assert proc.returncode == ExitCode.UNAVAILABLE
     assert "pw-hidden-2" not in proc.stderr + proc.stdout
     assert f"redis://:***@127.0.0.1:{port}/0" in proc.stderr
+
+
+# -- check (container health) ----------------------------------------------------------------
+
+
+def test_check_is_healthy_while_the_named_replica_runs_and_not_after_it_stops(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    worker = spawn_worker(redis_server.url, **FAST)
+    worker.wait_for_log('"connected"')
+    wait_until(lambda: cli(redis_server.url, "check", consumer="worker-0").returncode == 0, 10)
+    proc = cli(redis_server.url, "check", consumer="worker-0")
+    assert proc.stdout.startswith("healthy: worker-0 beat ")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == ExitCode.OK
+    proc = cli(redis_server.url, "check", consumer="worker-0")
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == "unhealthy: no live replica named 'worker-0'"
+
+
+def test_check_without_a_name_looks_for_a_replica_of_this_host(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    r.xgroup_create(STREAM, "stream-counter", id="0", mkstream=True)
+    assert cli(redis_server.url, "check").returncode == 1
+    replicas.beat(r, STREAM, f"{socket.gethostname()}-4242", 60_000)  # as its loop does
+    proc = cli(redis_server.url, "check")
+    assert proc.returncode == 0, proc.stdout
+    replicas.beat(r, STREAM, "another-host-1", 60_000)
+    assert "another-host" not in cli(redis_server.url, "check").stdout
+
+
+def test_check_without_the_group_or_redis_is_unhealthy_in_one_line() -> None:
+    port = _free_port()
+    proc = cli(f"redis://:pw-hidden-3@127.0.0.1:{port}/0", "check")
+    assert proc.returncode == 1
+    (line,) = proc.stdout.strip().splitlines()
+    assert line.startswith("unhealthy: cannot read Redis at redis://:***@")
+    assert "pw-hidden-3" not in proc.stdout + proc.stderr
+
+
+def test_the_image_runs_check_as_its_health_check_in_exec_form() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    joined = text.replace("\\\n", " ")
+    (line,) = [x for x in joined.splitlines() if x.startswith("HEALTHCHECK")]
+    assert line.rstrip().endswith('CMD ["stream-counter", "check"]')
 
 
 # -- shutdown ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``stream-counter run | get | produce | status``.
+"""``stream-counter run | get | produce | status | check``.
 
 Configuration comes from ``STREAM_COUNTER_*`` environment variables, each overridable by
 the flag of the same name (``STREAM_COUNTER_BATCH_SIZE`` / ``--batch-size``). Invalid
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from config import ENV_PREFIX, Settings
-from worker import __version__, counters, events
+from worker import __version__, counters, events, replicas
 from worker.backoff import reconnect_delay
 from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the stream, its group, lag, pending, replicas")
     _add(status, (*_COMMON, "group", "dead_letter_stream", "claim_idle_ms"))
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    check = sub.add_parser(
+        "check",
+        help="container health check: exit 0 if this host's replica beat lately, else 1",
+    )
+    _add(check, (*_COMMON, "group", "consumer", "claim_idle_ms"))
     return parser
 
 
@@ -113,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return get(settings, args.names, as_json=args.json)
     if args.command == "status":
         return status(settings, as_json=args.json)
+    if args.command == "check":
+        return check(settings)
     return produce(settings, args.name, decr=args.decr, amount=args.amount, event_id=args.event_id)
 
 
@@ -245,6 +254,33 @@ def status(settings: Settings, *, as_json: bool) -> int:
         print(json.dumps(found.as_json()))
     else:
         render(found, Console())
+    return ExitCode.OK
+
+
+def check(settings: Settings) -> int:
+    """Healthy when Redis answers, the group exists and a replica of this host (the one
+    named by CONSUMER, if set; else any named ``<host>-<pid>``) said lately that it is
+    alive: its loop goes round. One line on stdout either way; exit 0 or 1."""
+    explicit = "consumer" in settings.model_fields_set
+    mine = settings.consumer if explicit else f"{socket.gethostname()}-"
+    interval_s = max(0.05, min(settings.claim_idle_ms / 2000, 5.0))
+    client = connect(settings)
+    try:
+        groups = client.xinfo_groups(settings.stream) if client.exists(settings.stream) else []
+        live = replicas.live(client, settings.stream, replicas.live_window_ms(interval_s))
+    except redis.RedisError as exc:
+        print(f"unhealthy: cannot read Redis at {settings.redacted_url}: {scrub(str(exc))}")
+        return ExitCode.FAILURE
+    finally:
+        client.close()
+    if not any(g["name"] in (settings.group, settings.group.encode()) for g in groups):
+        print(f"unhealthy: no consumer group {settings.group!r} on {settings.stream!r}")
+        return ExitCode.FAILURE
+    found = [n for n in live if (n == mine if explicit else n.startswith(mine))]
+    if not found:
+        print(f"unhealthy: no live replica named {mine + ('' if explicit else '*')!r}")
+        return ExitCode.FAILURE
+    print(f"healthy: {', '.join(f'{n} beat {live[n]} ms ago' for n in sorted(found))}")
     return ExitCode.OK
 
 
