@@ -1,4 +1,4 @@
-"""``stream-counter run | get | produce | status | check``.
+"""``stream-counter run | get | produce | status | check | dlq``.
 
 Configuration comes from ``STREAM_COUNTER_*`` environment variables, each overridable by
 the flag of the same name (``STREAM_COUNTER_BATCH_SIZE`` / ``--batch-size``). Invalid
@@ -19,9 +19,11 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from config import ENV_PREFIX, Settings
-from worker import __version__, counters, events, replicas
+from worker import __version__, counters, dlq, events, replicas
 from worker.backoff import reconnect_delay
 from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
@@ -82,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="container health check: exit 0 if this host's replica beat lately, else 1",
     )
     _add(check, (*_COMMON, "group", "consumer", "claim_idle_ms"))
+
+    dead = sub.add_parser("dlq", help="list, show, replay or purge dead-lettered entries")
+    actions = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="the oldest dead-lettered entries first")
+    listing.add_argument("--limit", type=int, default=100, help="at most N (0: all; default 100)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    one = actions.add_parser("show", help="one entry, all its fields")
+    one.add_argument("id", metavar="ID")
+    one.add_argument("--json", action="store_true")
+    again = actions.add_parser("replay", help="put entries back on their source stream")
+    again.add_argument("ids", nargs="*", metavar="ID")
+    again.add_argument("--all", action="store_true", help="every dead-lettered entry")
+    purge = actions.add_parser("purge", help="delete entries from the dead-letter stream")
+    purge.add_argument("ids", nargs="*", metavar="ID")
+    purge.add_argument("--older-than", metavar="DURATION", help="e.g. 7d, 12h, 30m, 90s")
+    purge.add_argument("--yes", action="store_true", help="delete (else: say what would go)")
+    for p in (listing, one, again, purge):
+        _add(p, (*_COMMON, "dead_letter_stream"))
     return parser
 
 
@@ -122,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status(settings, as_json=args.json)
     if args.command == "check":
         return check(settings)
+    if args.command == "dlq":
+        return dead_letters(settings, args)
     return produce(settings, args.name, decr=args.decr, amount=args.amount, event_id=args.event_id)
 
 
@@ -282,6 +304,80 @@ def check(settings: Settings) -> int:
         return ExitCode.FAILURE
     print(f"healthy: {', '.join(f'{n} beat {live[n]} ms ago' for n in sorted(found))}")
     return ExitCode.OK
+
+
+def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    """``dlq list | show | replay | purge``: exit 0 done, 1 nothing to do or refused, 2 usage,
+    5 Redis unreachable."""
+    action, dead = args.action, settings.dead_letter
+    chosen = list(getattr(args, "ids", None) or [])
+    if action == "replay" and bool(chosen) == bool(args.all):
+        return _usage("dlq replay: give entry ids, or --all")
+    if action == "purge" and bool(chosen) == bool(args.older_than):
+        return _usage("dlq purge: give entry ids, or --older-than DURATION")
+    try:
+        age_ms = dlq.parse_duration(args.older_than) if getattr(args, "older_than", None) else 0
+    except ValueError as exc:
+        return _usage(f"dlq purge: {exc}")
+    client = connect(settings)
+    try:
+        if action == "list":
+            _print_dead(dlq.entries(client, dead, args.limit or None), args.json)
+            return ExitCode.OK
+        if action == "show":
+            found = dlq.show(client, dead, args.id)
+            if found is None:
+                print(f"stream-counter: no entry {args.id} in {dead}", file=sys.stderr)
+                return ExitCode.FAILURE
+            _print_dead([found], args.json, whole=True)
+            return ExitCode.OK
+        if action == "replay":
+            ids = chosen or dlq.ids(client, dead)
+            moved, missing = dlq.replay(client, dead, settings.stream, ids)
+            for old, new in moved:
+                print(f"replayed {old} -> {settings.stream} {new}")
+            for gone in missing:
+                print(f"stream-counter: no entry {gone} in {dead}", file=sys.stderr)
+            return ExitCode.OK if not missing else ExitCode.FAILURE
+        ids = chosen or dlq.older_than(client, dead, age_ms)
+        if not args.yes:
+            print(f"would delete {len(ids)} entries from {dead}; add --yes to delete them")
+            return ExitCode.FAILURE
+        print(f"deleted {dlq.purge(client, dead, ids)} entries from {dead}")
+        return ExitCode.OK
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return _unreachable(settings, exc)
+    except redis.RedisError as exc:
+        print(f"stream-counter: dlq {action}: {scrub(str(exc))}", file=sys.stderr)
+        return ExitCode.FAILURE
+    finally:
+        client.close()
+
+
+def _print_dead(found: Sequence[dlq.DeadLetter], as_json: bool, whole: bool = False) -> None:
+    if as_json:
+        for item in found:
+            print(json.dumps(item.as_json()))
+        return
+    console = Console()
+    if whole:
+        for item in found:
+            console.print(f"[bold]{item.id}[/] from {escape(item.source_id)}: {escape(item.error)}")
+            for name, value in item.fields:
+                console.print(f"  {name} = {value!r}", markup=False)
+        return
+    table = Table("id", "source id", "counter", "error")
+    for item in found:
+        counter = next((v for k, v in item.fields if k == "counter"), "")
+        table.add_row(item.id, escape(item.source_id), escape(counter), escape(item.error))
+    console.print(table)
+    if not found:
+        console.print("no dead-lettered entries")
+
+
+def _usage(message: str) -> int:
+    print(f"stream-counter: {message}", file=sys.stderr)
+    return ExitCode.CONFIG
 
 
 def _unreachable(settings: Settings, exc: Exception) -> int:

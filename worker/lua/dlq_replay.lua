@@ -1,0 +1,35 @@
+-- Replay dead-lettered entries: each one goes back on its source stream with its original
+-- fields and leaves the dead-letter stream, in one atomic step, so an interrupted replay
+-- never duplicates or drops an entry.
+-- KEYS[1] dead-letter stream, KEYS[2] source stream (same slot in a cluster);
+-- ARGV the dead-letter ids. The fields deadletter.lua added (error, source_id, and
+-- fields_truncated before them) are the last pairs: they are dropped.
+-- Returns {{dead id, new id}, ...}, then {ids not found}.
+local moved, missing = {}, {}
+for _, id in ipairs(ARGV) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 0 then
+    missing[#missing + 1] = id
+  else
+    local flat = found[1][2]
+    local n = #flat
+    if n >= 4 and flat[n - 3] == 'error' and flat[n - 1] == 'source_id' then
+      n = n - 4
+    end
+    if n >= 2 and flat[n - 1] == 'fields_truncated' then
+      n = n - 2
+    end
+    local fields = {}
+    for i = 1, n do
+      fields[i] = flat[i]
+    end
+    if #fields == 0 then  -- an entry deleted before it was judged: nothing to replay
+      missing[#missing + 1] = id
+    else
+      local new = redis.call('XADD', KEYS[2], '*', unpack(fields))
+      redis.call('XDEL', KEYS[1], id)
+      moved[#moved + 1] = {id, new}
+    end
+  end
+end
+return {moved, missing}
