@@ -48,11 +48,19 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def worker(
-    server: RedisServer, consumer: str, *, level: str = "WARNING", batch: int = 1000
+    server: RedisServer,
+    consumer: str,
+    *,
+    level: str = "WARNING",
+    batch: int = 1000,
+    metrics: bool = False,
 ) -> Command:
-    """``stream-counter run`` as users run it (the working tree's code, via PYTHONPATH)."""
+    """``stream-counter run`` as users run it (the working tree's code, via PYTHONPATH);
+    with ``metrics``, serving them on a free port (nobody scrapes: the cost is recording)."""
+    extra = {"STREAM_COUNTER_METRICS_PORT": str(harness.free_port())} if metrics else {}
     env = _env(
         {
+            **extra,
             "STREAM_COUNTER_REDIS_URL": server.url,
             "STREAM_COUNTER_STREAM": STREAM,
             "STREAM_COUNTER_GROUP": GROUP,

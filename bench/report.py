@@ -47,6 +47,9 @@ def checks(results: dict[str, Any]) -> list[dict[str, str]]:
         if "worker x2" in rows:
             ratio = rows["worker x2"]["median"] / w
             add(f"2 replicas >= 1 replica, {_label(size)}", f"{ratio:.2f}x", ratio >= 1.0)
+        if "worker + metrics" in rows:
+            ratio = rows["worker + metrics"]["median"] / w
+            add(f"metrics cost at most ~3%, {_label(size)}", f"{ratio:.3f}x", ratio >= 0.97)
     if "contention" in results:
         reps = results["contention"]["replicas"]
         one, many = reps["1"], next(v for k, v in reps.items() if k != "1")
@@ -128,11 +131,9 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         others = [n for n in first if n != "worker"]
         for name in others:
-            if name == "worker x2":
+            if name in ("worker x2", "worker + metrics"):
                 cells = [tp[s][name]["median"] / tp[s]["worker"]["median"] for s in sets]
-                lines.append(
-                    "| worker x2 / worker | " + " | ".join(f"{x:.2f}" for x in cells) + " |"
-                )
+                lines.append(f"| {name} / worker | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
                 continue
             cells = [tp[s]["worker"]["median"] / tp[s][name]["median"] for s in sets]
             lines.append(f"| worker / {name} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")

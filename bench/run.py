@@ -8,6 +8,7 @@ preload the same events (seeded), consume them all, check EVERY counter (a fast 
 consumer is not fast: the run stops with an error), repeat, report medians. Consumers:
 
   worker            ``stream-counter run`` (a process, as users run it), batch size 1000
+  worker + metrics  the same with Prometheus metrics on (their cost: the ratio to worker)
   worker x2         two such processes on the same group
   ceiling           batched pipeline, INCRBY per message, one XACK per batch; no lock, no
                     exactly-once (a ceiling, not a worker)
@@ -51,6 +52,11 @@ CONSUMERS: dict[str, tuple[str, Builder, bool]] = {
     "worker": (
         "`stream-counter run`, 1 process, batch 1000, every guarantee on",
         lambda s: [measure.worker(s, "bench-w1")],
+        False,
+    ),
+    "worker + metrics": (
+        "as worker, with `STREAM_COUNTER_METRICS_PORT` set (Prometheus metrics recorded)",
+        lambda s: [measure.worker(s, "bench-w1", metrics=True)],
         False,
     ),
     "worker x2": (
