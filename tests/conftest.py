@@ -26,12 +26,15 @@ import pytest
 import redis
 import structlog
 import structlog.testing
-from helpers import Logs, MakeConsumer
+from helpers import STREAM, Logs, MakeConsumer
 
 from config import Settings
+from worker import acl
 from worker.connection import connect, ensure_group
 from worker.consumer import Consumer
 
+ACL_USER, ACL_PASSWORD = "stream-counter", "pw-acl-7"
+OTHER_STREAMS = ("other", "s1", "s2")
 HOW_TO_GET_REDIS = (
     "no Redis for the tests: install redis-server (e.g. `apt-get install redis-server`), "
     "or start Docker for testcontainers, or set STREAM_COUNTER_TEST_REDIS_URL"
@@ -43,6 +46,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def acl_rules() -> list[str]:
+    """worker/acl.py's rules for the suite's stream, and the keys of the few tests that use
+    streams of their own."""
+    rules = acl.rules(STREAM, f"{STREAM}:dead")
+    for other in OTHER_STREAMS:
+        rules += (f"~{k}" for k in acl.key_patterns(other, f"{other}:dead"))
+    return rules
 
 
 @dataclass
@@ -57,7 +69,9 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """As the user that worker/acl.py describes: everything a test runs against this
+        server through its URL proves that ACL is enough."""
+        return f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         args = [
@@ -69,15 +83,17 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "always",
             "--logfile", str(self.workdir / "redis.log"),
+            "--user", ACL_USER, "on", f">{ACL_PASSWORD}", *acl_rules(),  # there from the start
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if self.client().ping():
-                    return
+                self.client().ping()
             except redis.ConnectionError:
                 time.sleep(0.02)
+                continue
+            return
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def client(self, **kwargs: Any) -> redis.Redis:

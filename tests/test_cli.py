@@ -20,7 +20,7 @@ import redis
 from helpers import STREAM, push, values, wait_drained, wait_until
 
 from config import ENV_PREFIX
-from worker import counters, replicas
+from worker import acl, counters, replicas
 from worker.errors import ExitCode
 
 ROOT = Path(__file__).parent.parent
@@ -454,3 +454,26 @@ def test_worker_survives_redis_restart_without_persistence(
     assert log_events(worker, "redis unavailable; retrying")
     wait_until(lambda: bool(log_events(worker, "redis reachable again")), timeout=5)
     assert worker.proc.poll() is None, worker.log()
+
+
+def test_the_readme_gives_the_acl_the_worker_needs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rules = " ".join(acl.rules("events", "events:dead"))
+    assert f"ACL SETUSER stream-counter on >PASSWORD {rules}\n" in readme
+
+
+def test_the_password_in_the_url_never_appears_in_a_workers_log_or_status(
+    redis_server: Any, r: redis.Redis, spawn_worker: Any
+) -> None:
+    secret = redis_server.url.split(":")[2].split("@")[0]  # the suite's ACL user's password
+    assert secret
+    push(r, "a", 1)
+    worker = spawn_worker(redis_server.url, **FAST)
+    wait_drained(r, timeout=20)
+    shown = (
+        cli(redis_server.url, "status", "--json").stdout + cli(redis_server.url, "status").stdout
+    )
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == ExitCode.OK
+    assert "***" in worker.log()  # the URL is logged, redacted
+    assert secret not in worker.log() + shown

@@ -207,7 +207,7 @@ def test_search_for_deleted_entries_refused_by_an_acl_gives_up_and_counting_goes
     r.xdel(STREAM, gone)
     push(r, "d", 2)
     time.sleep(1.05)  # CLAIM_IDLE_MS
-    url = own_redis.url.replace("redis://", "redis://noscan@")
+    url = f"redis://noscan@127.0.0.1:{own_redis.port}/0"
     consumer = make_consumer(redis_url=url)
     turn_until(consumer, lambda: drained(r) and not consumer.deleted.busy())
     assert values(r, {"d"}) == {"d": 2}
