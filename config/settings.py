@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -156,6 +156,23 @@ class Settings(BaseSettings):
         description="after the first signal, exit forcibly after this long; at least "
         "`BLOCK_MS` + `LOCK_WAIT_MS` + 1000",
     )
+    tls_ca_file: FilePath | None = Field(
+        None,
+        description="`rediss://` only: the CA certificates that verify the server (else the "
+        "system's)",
+        json_schema_extra={"metavar": "PATH", "shown": "system CAs"},
+    )
+    tls_cert_file: FilePath | None = Field(
+        None,
+        description="`rediss://` only: this client's certificate, for servers that ask for "
+        "one; with `TLS_KEY_FILE`",
+        json_schema_extra={"metavar": "PATH", "shown": "none"},
+    )
+    tls_key_file: FilePath | None = Field(
+        None,
+        description="`rediss://` only: the private key of `TLS_CERT_FILE`",
+        json_schema_extra={"metavar": "PATH", "shown": "none"},
+    )
     metrics_port: int | None = Field(
         None,
         ge=1,
@@ -243,6 +260,17 @@ class Settings(BaseSettings):
                 f"{p}SHUTDOWN_GRACE_MS ({self.shutdown_grace_ms}) must be at least "
                 f"{p}BLOCK_MS + {p}LOCK_WAIT_MS + {SHUTDOWN_MARGIN_MS} ({stop}): a clean stop "
                 f"finishes the read and the batch in progress, then hands back the rest"
+            )
+        tls = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(tls) and not self.redis_url.get_secret_value().startswith("rediss://"):
+            problems.append(
+                f"{p}TLS_* files are set but {p}REDIS_URL does not start with rediss://: "
+                f"the connection would not use TLS"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append(
+                f"{p}TLS_CERT_FILE and {p}TLS_KEY_FILE go together: a client certificate "
+                f"needs its key"
             )
         if self.dead_letter == self.stream:
             problems.append(

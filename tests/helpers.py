@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import redis
 
+from config import ENV_PREFIX
 from worker import counters
 from worker.consumer import Consumer
 from worker.events import parse
@@ -219,3 +225,33 @@ def run_calls(r: redis.Redis, calls: list[Call]) -> list[Any]:
     """``calls`` sent as one pipeline (Redis runs them in order): one reply each, errors
     as values."""
     return Pipe(r).exchange([Round("", calls)])[0]
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env[ENV_PREFIX + "REDIS_URL"] = url
+    env.update({ENV_PREFIX + k.upper(): v for k, v in extra.items()})
+    return env
+
+
+def cli(url: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """``stream-counter ARGS`` in a process of its own, with ``STREAM_COUNTER_<KEY>`` set
+    from ``extra_env`` and no other setting from the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=cli_env(url, **extra_env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import STREAM, push, values, wait_drained, wait_until
+from helpers import STREAM, cli, cli_env, free_port, push, values, wait_drained, wait_until
 
-from config import ENV_PREFIX
 from worker import acl, counters, replicas
 from worker.errors import ExitCode
 
@@ -27,37 +26,12 @@ ROOT = Path(__file__).parent.parent
 FAST = {"block_ms": 200}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env[ENV_PREFIX + "REDIS_URL"] = url
-    env.update({ENV_PREFIX + k.upper(): v for k, v in extra.items()})
-    return env
-
-
-def cli(url: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=_env(url, **extra_env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def cli_many(url: str, commands: list[list[str]]) -> list[tuple[int, str, str]]:
     """Run several CLI commands at once (they are independent); (rc, stdout, stderr) each."""
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "worker.cli", *args],
-            env=_env(url),
+            env=cli_env(url),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -153,7 +127,7 @@ def test_produce_to_a_key_that_is_not_a_stream_exits_1_with_one_line(
 
 
 def test_produce_when_redis_is_unreachable_exits_5() -> None:
-    port = _free_port()
+    port = free_port()
     proc = cli(f"redis://:pw-hidden-1@127.0.0.1:{port}/0", "produce", "x")
     assert proc.returncode == ExitCode.UNAVAILABLE
     assert f"redis://:***@127.0.0.1:{port}/0" in proc.stderr
@@ -182,7 +156,7 @@ def test_get_json_prints_one_object_name_to_int(redis_server: Any, r: redis.Redi
 
 
 def test_get_when_nothing_listens_exits_5_naming_the_redacted_url() -> None:
-    port = _free_port()
+    port = free_port()
     proc = cli(f"redis://admin:pw-hidden-2@127.0.0.1:{port}/0", "get", "a")
     assert proc.returncode == ExitCode.UNAVAILABLE
     assert proc.stdout == ""
@@ -297,7 +271,7 @@ def test_status_of_a_missing_stream_exits_1_with_one_line(redis_server: Any) -> 
 
 
 def test_status_when_redis_is_unreachable_exits_5_without_the_password() -> None:
-    port = _free_port()
+    port = free_port()
     proc = cli(f"redis://:pw-hidden-2@127.0.0.1:{port}/0", "status")
     assert proc.returncode == ExitCode.UNAVAILABLE
     assert "pw-hidden-2" not in proc.stderr + proc.stdout
@@ -335,7 +309,7 @@ def test_check_without_a_name_looks_for_a_replica_of_this_host(
 
 
 def test_check_without_the_group_or_redis_is_unhealthy_in_one_line() -> None:
-    port = _free_port()
+    port = free_port()
     proc = cli(f"redis://:pw-hidden-3@127.0.0.1:{port}/0", "check")
     assert proc.returncode == 1
     (line,) = proc.stdout.strip().splitlines()

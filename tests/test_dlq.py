@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import redis
-from helpers import STREAM, MakeConsumer, drained, push, turn_until, values
+from helpers import STREAM, MakeConsumer, cli, drained, push, turn_until, values
 
-from config import ENV_PREFIX
 from worker.errors import ExitCode
 
 ROOT = Path(__file__).parent.parent
@@ -20,17 +17,7 @@ DEAD = f"{STREAM}:dead"
 
 
 def dlq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env[ENV_PREFIX + "REDIS_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "dlq", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return cli(url, "dlq", *args)
 
 
 def dead_letter(r: redis.Redis, source_id: str, error: str, **fields: str) -> str:

@@ -11,18 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from helpers import STREAM, MakeConsumer, drained, push, turn_until, wait_until
+from helpers import STREAM, MakeConsumer, drained, free_port, push, turn_until, wait_until
 
 from worker.errors import ExitCode
 from worker.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -27,6 +27,10 @@ _TRANSIENT = (
 )
 
 
+_TLS_REFUSED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "WRONG_VERSION_NUMBER")
+"""Signs of a TLS setup that cannot work: a server certificate the CA does not vouch for, or
+TLS spoken to a server that does not speak it."""
+
 _TRANSIENT_CLASSES = (
     redis.ConnectionError,  # includes BusyLoadingError (LOADING)
     redis.TimeoutError,
@@ -56,8 +60,15 @@ def connect(settings: Settings) -> redis.Redis:
     redis-py's own retry is off: a command that may have run must be seen as an error by
     the consumer loop, which knows what is safe to repeat.
     """
+    tls: dict[str, str] = {}
+    if settings.tls_ca_file is not None:
+        tls["ssl_ca_certs"] = str(settings.tls_ca_file)
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        tls["ssl_certfile"] = str(settings.tls_cert_file)
+        tls["ssl_keyfile"] = str(settings.tls_key_file)
     return redis.Redis.from_url(
         settings.redis_url.get_secret_value(),
+        **tls,
         protocol=2,
         decode_responses=False,
         socket_connect_timeout=5,
@@ -74,6 +85,10 @@ def check_server(client: redis.Redis) -> str:
         info = client.info("server")
     except AuthenticationError as exc:
         raise RedisUnsupported(f"Redis refused the credentials: {exc}") from None
+    except redis.ConnectionError as exc:
+        if any(sign in str(exc) for sign in _TLS_REFUSED):  # will not pass by itself
+            raise RedisUnsupported(f"TLS handshake refused: {exc}") from None
+        raise
     version = str(info.get("redis_version", "0"))
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < MIN_VERSION:
