@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from config import ENV_PREFIX
-from worker import counters
+from worker import counters, replicas
 from worker.consumer import Consumer
 from worker.events import parse
 from worker.lock import Locks
@@ -255,3 +255,8 @@ def cli(url: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess[s
         timeout=30,
         check=False,
     )
+
+
+def beat(r: redis.Redis, name: str, keep_ms: int = 60_000) -> None:
+    """A heartbeat of replica ``name`` on the default terms, as its loop sends one."""
+    replicas.beat(r, STREAM, name, keep_ms, replicas.terms(10_000, 30_000), 5_000)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import STREAM, cli, cli_env, free_port, push, values, wait_drained, wait_until
+from helpers import STREAM, beat, cli, cli_env, free_port, push, values, wait_drained, wait_until
 
-from worker import acl, counters, replicas
+from worker import acl, counters
 from worker.errors import ExitCode
 
 ROOT = Path(__file__).parent.parent
@@ -301,10 +301,10 @@ def test_check_without_a_name_looks_for_a_replica_of_this_host(
 ) -> None:
     r.xgroup_create(STREAM, "stream-counter", id="0", mkstream=True)
     assert cli(redis_server.url, "check").returncode == 1
-    replicas.beat(r, STREAM, f"{socket.gethostname()}-4242", 60_000)  # as its loop does
+    beat(r, f"{socket.gethostname()}-4242", 60_000)  # as its loop does
     proc = cli(redis_server.url, "check")
     assert proc.returncode == 0, proc.stdout
-    replicas.beat(r, STREAM, "another-host-1", 60_000)
+    beat(r, "another-host-1", 60_000)
     assert "another-host" not in cli(redis_server.url, "check").stdout
 
 

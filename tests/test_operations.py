@@ -15,6 +15,7 @@ from helpers import (
     Logs,
     MakeConsumer,
     apply_events,
+    beat,
     delivered_to,
     drained,
     log_lines,
@@ -94,7 +95,7 @@ def test_idle_replicas_that_say_they_are_alive_are_never_removed_from_the_group(
     settings = Settings(redis_url=redis_server.url, consumer="live")
     reclaimer = Reclaimer(connect(settings), STREAM, GROUP, "live", 100)
     time.sleep(1.1)  # both idle for 10 x CLAIM_IDLE_MS
-    replicas.beat(r, STREAM, "live-idle", 10_000)  # as it does every reclaim interval
+    beat(r, "live-idle", 10_000)  # as it does every reclaim interval
     assert reclaimer.prune_consumers() == [b"dead-idle"]
     assert consumers(r) == {b"live-idle"}
     assert set(replicas.live(r, STREAM, 5_000)) == {"live-idle"}

@@ -18,14 +18,23 @@ COMMANDS = (
     "xadd", "xdel",
     # scripts, and what they call: locks, counters, markers, the replicas set
     "eval", "get", "set", "del", "exists", "incrby", "pexpire", "pexpireat", "zadd", "zrem",
-    "zrange", "zrangebyscore", "zremrangebyscore", "zscore", "zmscore",
+    "zrange", "zrangebyscore", "zremrangebyscore", "zscore", "zmscore", "hset", "hdel", "hget",
+    "hgetall",
     # the search for deleted entries' markers, clocks, checks at start, the connection
     "scan", "time", "info", "ping", "client|setname",
 )  # fmt: skip
 
 
 def key_patterns(stream: str, dead_letter_stream: str) -> list[str]:
-    return [stream, dead_letter_stream, "sc:*", replicas_key(stream), "stream-counter:group:*"]
+    replicas = replicas_key(stream)
+    return [
+        stream,
+        dead_letter_stream,
+        "sc:*",
+        replicas,
+        f"{replicas}:terms",
+        "stream-counter:group:*",
+    ]
 
 
 def rules(stream: str, dead_letter_stream: str) -> list[str]:

@@ -36,7 +36,7 @@ from worker.batch import Outcome, Parsed, Protocol, parse
 from worker.connection import check_no_eviction, ensure_group, is_transient
 from worker.deleted import DeletedEntries
 from worker.driver import Driver
-from worker.errors import EvictingRedis, GroupDeleted
+from worker.errors import EvictingRedis, GroupDeleted, ReplicasDisagree
 from worker.hand import Entry, Hand
 from worker.lanes import settle_s
 from worker.metrics import Metrics
@@ -77,8 +77,10 @@ class Consumer:
         self._connection_failures = 0
         self._stalled = 0
         self._rng = random.Random()
-        self._next_server_check = 0.0
+        self._next_check = 0.0
         """When to check Redis' maxmemory-policy again (each reclaim interval)."""
+        self.terms = replicas.terms(settings.lock_ttl_ms, settings.claim_idle_ms)
+        """What every replica of the group must agree on (``worker.replicas``)."""
         self.last_progress = time.monotonic()
         """When the loop last went round (``alive``)."""
         self.reachable = False
@@ -108,6 +110,14 @@ class Consumer:
                 self.start_over()
                 self.log.error("consumer group deleted; waiting for an operator", error=str(exc))
                 sleep_unless(self.stopping, 5.0)
+            except ReplicasDisagree as exc:
+                self.start_over()
+                self.log.error(
+                    "replicas of this group work on other terms; not applying until they agree",
+                    ours=exc.ours,
+                    theirs=exc.others,
+                )
+                sleep_unless(self.stopping, min(5.0, self.reclaimer.interval))
             except EvictingRedis as exc:
                 self.start_over()
                 self.log.error("redis may evict keys; not applying until it cannot", error=str(exc))
@@ -143,24 +153,33 @@ class Consumer:
         self._stall_unless(progress)
 
     def _upkeep(self) -> None:
-        """What is due before the next batch: each reclaim interval, the eviction check (it
-        raises EvictingRedis, and the loop waits) and the heartbeat; lost acknowledgements,
-        the deleted entries' search, the keep-ours claim."""
-        if time.monotonic() >= self._next_server_check:
-            check_no_eviction(self.client)
-            s = self.s
-            replicas.beat(self.client, s.stream, s.consumer, s.claim_idle_ms * 10)
-            found = lag.group_lag(self.client, s.stream, s.group, repair=True)
-            if found is not None and found.repaired:
-                self.log.warning("redis reported a wrong lag for the drained group; repaired")
-            if self.metrics is not None and (state := read_status(self.client, s)) is not None:
-                self.metrics.redis_state(state)
-            self._next_server_check = time.monotonic() + self.reclaimer.interval
+        """What is due before the next batch: the checks of each reclaim interval, lost
+        acknowledgements, the deleted entries' search, the keep-ours claim."""
+        if time.monotonic() >= self._next_check:
+            self._check_in()
+            self._next_check = time.monotonic() + self.reclaimer.interval
         if self._lost_acks:
             self._settle_lost_acks()
         if self.deleted.busy():
             self.deleted.walk_and_report()
         self._keep_ours()
+
+    def _check_in(self) -> None:
+        """Each reclaim interval: Redis cannot evict keys (else EvictingRedis), the
+        heartbeat, every live replica on our terms (else ReplicasDisagree: the loop waits,
+        ``run``), Redis' lag right, the metrics' gauges."""
+        s = self.s
+        check_no_eviction(self.client)
+        keep, window = s.claim_idle_ms * 10, replicas.live_window_ms(self.reclaimer.interval)
+        live = replicas.beat(self.client, s.stream, s.consumer, keep, self.terms, window)
+        found = lag.group_lag(self.client, s.stream, s.group, repair=True)
+        if found is not None and found.repaired:
+            self.log.warning("redis reported a wrong lag for the drained group; repaired")
+        if self.metrics is not None and (state := read_status(self.client, s)) is not None:
+            self.metrics.redis_state(state)
+        others = {name: terms for name, terms in live.items() if terms != self.terms}
+        if others:
+            raise ReplicasDisagree(others, self.terms)
 
     def _first_batch(self) -> tuple[Parsed, int, bool]:
         """The turn's first batch: a page of our backlog, else a reclaim page when due, else
@@ -339,7 +358,7 @@ class Consumer:
         self.hand.drop()
         self._backlog = b"0-0"
         self._backlog_is_redelivery = False
-        self._next_server_check = 0.0
+        self._next_check = 0.0
         self.reclaimer.restart()
         self.deleted.restart()
 
@@ -379,7 +398,8 @@ class Consumer:
         nothing pending at all, remove it from the group so names do not pile up."""
         self.hand.drop()
         try:
-            keys = [self.s.stream, replicas.replicas_key(self.s.stream)]
+            stream = self.s.stream
+            keys = [stream, replicas.replicas_key(stream), replicas.terms_key(stream)]
             LEAVE(self.client, keys, [self.s.group, self.s.consumer])
         except redis.RedisError as exc:
             self.log.warning("could not tidy the consumer up on shutdown", error=str(exc))

@@ -56,6 +56,16 @@ class EvictingRedis(RedisUnsupported):
     """Redis' maxmemory-policy lets it evict keys: markers, counters or locks could vanish."""
 
 
+class ReplicasDisagree(StreamCounterError):
+    """A live replica of the group works on other terms (protocol version, LOCK_TTL_MS,
+    CLAIM_IDLE_MS): nothing is applied until they agree (``worker.replicas``)."""
+
+    def __init__(self, others: dict[str, str], ours: str) -> None:
+        self.others, self.ours = others, ours
+        shown = "; ".join(f"{name}: {terms}" for name, terms in sorted(others.items()))
+        super().__init__(f"ours: {ours}; theirs: {shown}")
+
+
 class GroupDeleted(StreamCounterError):
     """The consumer group existed and was deleted (XGROUP DESTROY), while the stream's
     history may already be counted. The worker does not recreate it from the start."""

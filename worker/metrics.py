@@ -80,6 +80,11 @@ class Metrics:
         )
         self.dead_letter_length = gauge("dead_letter_length", "Entries in the dead-letter stream.")
         self.live_replicas = gauge("live_replicas", "Replicas that said lately they are alive.")
+        self.replicas_agree = gauge(
+            "replicas_agree",
+            "1 if every live replica works on the same terms (protocol, LOCK_TTL_MS, "
+            "CLAIM_IDLE_MS); 0: none applies until they agree.",
+        )
 
     def batch(self, outcome: Outcome) -> None:
         self.applied.inc(outcome.applied)
@@ -101,6 +106,7 @@ class Metrics:
         self.oldest_pending.set((status.oldest_pending_age_ms or 0) / 1000)
         self.dead_letter_length.set(status.dead_letter_length)
         self.live_replicas.set(len(status.live_replicas))
+        self.replicas_agree.set(int(status.replicas_agree))
 
 
 Check = Callable[[], tuple[bool, str]]

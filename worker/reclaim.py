@@ -77,7 +77,7 @@ class Reclaimer:
     def prune_consumers(self) -> list[bytes]:
         """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS, whose
         replica has not said lately that it is alive (``worker.replicas``)."""
-        keys = [self.stream, replicas.replicas_key(self.stream)]
+        keys = [self.stream, replicas.replicas_key(self.stream), replicas.terms_key(self.stream)]
         live_ms = replicas.live_window_ms(self.interval)
         result = PRUNE(
             self.client, keys, [self.group, self.min_idle_ms * 10, self.consumer, live_ms]

@@ -6,6 +6,13 @@ replica waiting on a quiet stream looks as idle as a dead one. So every replica 
 name, scored with Redis' clock, into a sorted set next to the stream; a name seen within
 ``LIVE_INTERVALS`` heartbeats is alive. The pruning of dead consumers (prune_consumers.lua)
 never removes a live one, and ``status`` lists them. One mechanism on every server version.
+
+Each heartbeat also records the replica's **terms**: the protocol version it speaks and the
+settings every replica of a group must share (the safety argument compares one replica's
+claims, CLAIM_IDLE_MS, with another's locks, LOCK_TTL_MS). A replica that sees a live
+replica on other terms does not apply anything until they agree (``Consumer``): during a
+rolling upgrade to another protocol, new replicas wait until the old ones are gone.
+Replicas older than this heartbeat do not say anything: stop them before starting new ones.
 """
 
 from __future__ import annotations
@@ -36,10 +43,38 @@ def live_window_ms(interval_s: float) -> int:
     return int(interval_s * 1000 * LIVE_INTERVALS) + 1000
 
 
-def beat(client: redis.Redis, stream: str, consumer: str, keep_ms: int) -> None:
-    """Say that ``consumer``'s replica is alive (now, by Redis' clock); names silent for
-    ``keep_ms`` are dropped."""
-    HEARTBEAT(client, [replicas_key(stream)], [consumer, keep_ms])
+PROTOCOL = 2
+"""The version of the protocol between replicas (lock lanes, markers, their keys). Raise it
+whenever replicas of the new code must not work beside replicas of the old."""
+
+
+def terms(lock_ttl_ms: int, claim_idle_ms: int) -> str:
+    """What every replica of a group must agree on, as one string."""
+    return f"protocol={PROTOCOL} lock_ttl_ms={lock_ttl_ms} claim_idle_ms={claim_idle_ms}"
+
+
+def terms_key(stream: str) -> str:
+    return replicas_key(stream) + ":terms"
+
+
+def beat(
+    client: redis.Redis, stream: str, consumer: str, keep_ms: int, its_terms: str, window_ms: int
+) -> dict[str, str]:
+    """Say that ``consumer``'s replica is alive (now, by Redis' clock) and on what terms;
+    names silent for ``keep_ms`` are dropped. Returns every live replica's terms."""
+    keys = [replicas_key(stream), terms_key(stream)]
+    reply = HEARTBEAT(client, keys, [consumer, keep_ms, its_terms, window_ms])
+    return {_text(reply[i]): _text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+def all_terms(client: redis.Redis, stream: str) -> dict[str, str]:
+    """The terms each replica last said it works on (live or not)."""
+    found: dict[bytes, bytes] = client.hgetall(terms_key(stream))  # type: ignore[assignment]
+    return {_text(name): _text(terms) for name, terms in found.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def live(client: redis.Redis, stream: str, window_ms: int) -> dict[str, int]:

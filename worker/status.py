@@ -42,9 +42,15 @@ class Status:
     dead_letter_length: int
     consumers: list[Consumer]
     live_replicas: list[str]
+    replica_terms: dict[str, str]
+    """Each live replica's terms: protocol version and shared settings."""
+
+    @property
+    def replicas_agree(self) -> bool:
+        return len(set(self.replica_terms.values())) <= 1
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "replicas_agree": self.replicas_agree}
 
 
 def read_status(client: redis.Redis, settings: Settings) -> Status | None:
@@ -81,6 +87,7 @@ def read_status(client: redis.Redis, settings: Settings) -> Status | None:
         dead_letter_length=int(client.xlen(s.dead_letter)),
         consumers=consumers,
         live_replicas=sorted(live),
+        replica_terms={n: t for n, t in replicas.all_terms(client, s.stream).items() if n in live},
     )
 
 
@@ -104,6 +111,9 @@ def render(status: Status, console: Console) -> None:
         ("live replicas", ", ".join(st.live_replicas) or "none"),
     ):
         summary.add_row(label, value)
+    if not st.replicas_agree:
+        shown = "; ".join(f"{n}: {t}" for n, t in sorted(st.replica_terms.items()))
+        summary.add_row("[red]replicas disagree[/]", f"none applies until they agree: {shown}")
     console.print(summary)
     if st.consumers:
         table = Table(title="consumers", title_justify="left")

@@ -2,7 +2,7 @@
 -- replica has not said it is alive lately: replicas that were killed leave their (unique,
 -- host-pid) names behind. (On Redis 7.0 a read that returns nothing does not reset a
 -- consumer's idle time, so an idle but live replica looks idle: its heartbeat keeps it.)
--- KEYS[1] stream, KEYS[2] the replicas set (heartbeat.lua); ARGV[1] group, ARGV[2] minimum
+-- KEYS[1] stream, KEYS[2] the replicas set, KEYS[3] its terms (heartbeat.lua); ARGV[1] group, ARGV[2] minimum
 -- idle time in ms, ARGV[3] the caller's own name (never removed), ARGV[4] how recent a
 -- heartbeat keeps a consumer (ms). Check and removal are one atomic step, so a consumer
 -- that gets an entry in between cannot lose it. Returns the names removed.
@@ -20,6 +20,7 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
       and seen < now - tonumber(ARGV[4]) then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
     redis.call('ZREM', KEYS[2], info['name'])
+    redis.call('HDEL', KEYS[3], info['name'])
     removed[#removed + 1] = info['name']
   end
 end
