@@ -241,7 +241,11 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
     started: list[WorkerProcess] = []
 
     def spawn(
-        url: str, *flags: str, fault: dict[str, str] | None = None, **settings: str | int
+        url: str,
+        *flags: str,
+        fault: dict[str, str] | None = None,
+        protocol: int | None = None,
+        **settings: str | int,
     ) -> WorkerProcess:
         n = len(started)
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_COUNTER_")}
@@ -254,6 +258,9 @@ def spawn_worker(tmp_path: Path) -> Iterator[Any]:
         if fault:
             env.update(fault)
             cmd = [sys.executable, str(TESTS / "faulty_worker.py"), "run", *flags]
+        elif protocol is not None:  # a replica of another version
+            env["WORKER_PROTOCOL"] = str(protocol)
+            cmd = [sys.executable, str(TESTS / "other_version_worker.py"), "run", *flags]
         else:
             cmd = [sys.executable, "-m", "worker.cli", "run", *flags]
         log_path = tmp_path / f"worker-{n}.log"

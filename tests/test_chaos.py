@@ -27,6 +27,8 @@ from helpers import (
     wait_until,
 )
 
+from worker import replicas
+
 pytestmark = pytest.mark.chaos
 
 FAST = {
@@ -327,4 +329,23 @@ def test_three_replicas_at_the_smallest_accepted_settings_dead_letter_no_valid_e
     assert_exact(r, expected)  # nothing dead-lettered
     for worker in workers:
         assert "claimed idle entries" not in worker.log()
+    stop_cleanly(*workers)
+
+
+def test_three_idle_replicas_on_a_quiet_stream_stay_in_the_group_and_listed_live(
+    redis_server: Any, spawn_worker: Any
+) -> None:
+    # Seen on Redis 7.0: quiet for longer than 10 x CLAIM_IDLE_MS, idle replicas removed
+    # each other from the group (an empty read does not reset a consumer's idle time).
+    r = redis_server.client()
+    expected = push_random(r, 300, names=3)
+    workers = [spawn_worker(redis_server.url, **FAST) for _ in range(3)]
+    wait_drained(r, 20)
+    assert values(r, expected) == dict(expected)
+    names = {bytes(c["name"]) for c in r.xinfo_consumers(STREAM, "stream-counter")}
+    time.sleep(10 * FAST["claim_idle_ms"] / 1000 + 1.5)  # quiet, past the pruning age
+    after = {bytes(c["name"]) for c in r.xinfo_consumers(STREAM, "stream-counter")}
+    assert names <= after  # none removed (a replica's claim page may add its own name)
+    assert set(replicas.live(r, STREAM, 5_000)) == {"worker-0", "worker-1", "worker-2"}
+    assert not any("removed idle consumers" in w.log() for w in workers)
     stop_cleanly(*workers)
