@@ -7,13 +7,14 @@ import json
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
-from helpers import STREAM, cli, push_random, values, wait_drained, wait_until
+from helpers import STREAM, cli, free_port, push_random, values, wait_drained, wait_until
 
 from worker import replicas
 
@@ -54,9 +55,12 @@ def test_rolling_upgrade_new_replica_waits_while_an_old_protocol_replica_lives(
     old = spawn_worker(redis_server.url, protocol=replicas.PROTOCOL - 1, **FAST)
     old.wait_for_log('"connected"')
     wait_until(lambda: bool(replicas.live(r, STREAM, 2_500)), 5, "the old replica's beat")
-    new = spawn_worker(redis_server.url, **FAST)
+    port = free_port()
+    new = spawn_worker(redis_server.url, metrics_port=port, **FAST)
     new.wait_for_log(WAITING)
     old.wait_for_log(WAITING)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+        assert reply.status == 200  # ready while waiting, so that the rollout goes on
     expected = push_random(r, 2000, names=10)
     time.sleep(1.0)
     assert applied(r, expected) == 0  # never side by side with another protocol

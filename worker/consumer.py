@@ -112,6 +112,7 @@ class Consumer:
                 sleep_unless(self.stopping, 5.0)
             except ReplicasDisagree as exc:
                 self.start_over()
+                self.reachable = True  # ready: a rollout must go on, so the old ones go
                 self.log.error(
                     "replicas of this group work on other terms; not applying until they agree",
                     ours=exc.ours,
