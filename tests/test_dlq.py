@@ -111,3 +111,20 @@ def test_dlq_usage_errors_exit_2_with_one_line(redis_server: Any) -> None:
         proc = dlq(redis_server.url, *args)
         assert proc.returncode == ExitCode.CONFIG, args
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_entry_dead_lettered_with_its_fields_cut_short_is_not_replayed(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    # Its lost fields may be what made it invalid: replayed, it could be counted.
+    cut = r.execute_command(
+        "XADD", DEAD, "*", "counter", "a", "fields_truncated", "1000 of 1500 fields kept",
+        "error", "field 'counter' appears more than once", "source_id", "7-0",
+    ).decode()  # fmt: skip
+    proc = dlq(redis_server.url, "replay", cut)
+    assert proc.returncode == ExitCode.FAILURE
+    assert (
+        proc.stderr.strip()
+        == f"stream-counter: not replayed {cut}: it lost fields when dead-lettered"
+    )
+    assert (r.xlen(DEAD), r.exists(STREAM)) == (1, 0)

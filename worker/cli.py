@@ -285,11 +285,14 @@ def check(settings: Settings) -> int:
     alive: its loop goes round. One line on stdout either way; exit 0 or 1."""
     explicit = "consumer" in settings.model_fields_set
     mine = settings.consumer if explicit else f"{socket.gethostname()}-"
-    interval_s = max(0.05, min(settings.claim_idle_ms / 2000, 5.0))
     client = connect(settings)
     try:
         groups = client.xinfo_groups(settings.stream) if client.exists(settings.stream) else []
-        live = replicas.live(client, settings.stream, replicas.live_window_ms(interval_s))
+        live = replicas.live(
+            client,
+            settings.stream,
+            replicas.live_window_ms(settings.claim_idle_ms),
+        )
     except redis.RedisError as exc:
         print(f"unhealthy: cannot read Redis at {settings.redacted_url}: {scrub(str(exc))}")
         return ExitCode.FAILURE
@@ -333,12 +336,17 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             return ExitCode.OK
         if action == "replay":
             ids = chosen or dlq.ids(client, dead)
-            moved, missing = dlq.replay(client, dead, settings.stream, ids)
-            for old, new in moved:
+            done = dlq.replay(client, dead, settings.stream, ids)
+            for old, new in done.moved:
                 print(f"replayed {old} -> {settings.stream} {new}")
-            for gone in missing:
+            for gone in done.missing:
                 print(f"stream-counter: no entry {gone} in {dead}", file=sys.stderr)
-            return ExitCode.OK if not missing else ExitCode.FAILURE
+            for cut in done.truncated:
+                print(
+                    f"stream-counter: not replayed {cut}: it lost fields when dead-lettered",
+                    file=sys.stderr,
+                )
+            return ExitCode.FAILURE if done.missing or done.truncated else ExitCode.OK
         ids = chosen or dlq.older_than(client, dead, age_ms)
         if not args.yes:
             print(f"would delete {len(ids)} entries from {dead}; add --yes to delete them")

@@ -171,12 +171,12 @@ class Consumer:
         ``run``), Redis' lag right, the metrics' gauges."""
         s = self.s
         check_no_eviction(self.client)
-        keep, window = s.claim_idle_ms * 10, replicas.live_window_ms(self.reclaimer.interval)
+        keep, window = s.claim_idle_ms * 10, replicas.live_window_ms(s.claim_idle_ms)
         live = replicas.beat(self.client, s.stream, s.consumer, keep, self.terms, window)
         found = lag.group_lag(self.client, s.stream, s.group, repair=True)
         if found is not None and found.repaired:
             self.log.warning("redis reported a wrong lag for the drained group; repaired")
-        if self.metrics is not None and (state := read_status(self.client, s)) is not None:
+        if self.metrics is not None and (state := read_status(self.client, s, found)) is not None:
             self.metrics.redis_state(state)
         others = {name: terms for name, terms in live.items() if terms != self.terms}
         if others:

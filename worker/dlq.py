@@ -63,17 +63,24 @@ def show(client: redis.Redis, dead: str, entry_id: str) -> DeadLetter | None:
     return _parse(reply[0][0], reply[0][1]) if reply else None
 
 
-def replay(
-    client: redis.Redis, dead: str, source: str, ids: Sequence[str]
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """Move ``ids`` back onto ``source``: ((dead id, new id) each, ids not found)."""
-    moved: list[tuple[str, str]] = []
-    missing: list[str] = []
-    for i in range(0, len(ids), 1000):  # Lua unpacks at most ~8,000 values at once
-        done, gone = REPLAY(client, [dead, source], list(ids[i : i + 1000]))
-        moved += [(_text(a), _text(b)) for a, b in done]
-        missing += [_text(x) for x in gone]
-    return moved, missing
+@dataclass(slots=True)
+class Replayed:
+    moved: list[tuple[str, str]]
+    """(dead-letter id, new id on the source stream) of each entry put back."""
+    missing: list[str]
+    truncated: list[str]
+    """Refused: dead-lettered with only its first 1,000 fields (see dlq_replay.lua)."""
+
+
+def replay(client: redis.Redis, dead: str, source: str, ids: Sequence[str]) -> Replayed:
+    """Move ``ids`` back onto ``source``, 1,000 ids per script call (each entry atomically)."""
+    done = Replayed([], [], [])
+    for i in range(0, len(ids), 1000):
+        moved, missing, truncated = REPLAY(client, [dead, source], list(ids[i : i + 1000]))
+        done.moved += [(_text(a), _text(b)) for a, b in moved]
+        done.missing += [_text(x) for x in missing]
+        done.truncated += [_text(x) for x in truncated]
+    return done
 
 
 def ids(client: redis.Redis, dead: str, before_ms: int | None = None) -> list[str]:

@@ -42,7 +42,7 @@ class Reclaimer:
         self.group = group
         self.consumer = consumer
         self.min_idle_ms = min_idle_ms
-        self.interval = max(0.05, min(min_idle_ms / 2000, 5.0))
+        self.interval = replicas.interval_s(min_idle_ms)
         self._cursor = b"0-0"
         self._next_sweep = 0.0
 
@@ -78,7 +78,7 @@ class Reclaimer:
         """Remove other consumers with nothing pending, idle for 10 x CLAIM_IDLE_MS, whose
         replica has not said lately that it is alive (``worker.replicas``)."""
         keys = [self.stream, replicas.replicas_key(self.stream), replicas.terms_key(self.stream)]
-        live_ms = replicas.live_window_ms(self.interval)
+        live_ms = replicas.live_window_ms(self.min_idle_ms)
         result = PRUNE(
             self.client, keys, [self.group, self.min_idle_ms * 10, self.consumer, live_ms]
         )

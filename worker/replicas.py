@@ -38,9 +38,15 @@ def replicas_key(stream: str) -> str:
     return f"{{{stream}}}:replicas"
 
 
-def live_window_ms(interval_s: float) -> int:
+def interval_s(claim_idle_ms: int) -> float:
+    """The reclaim interval: how often a replica sweeps for idle entries, checks in and
+    beats (CLAIM_IDLE_MS / 2, within 50 ms .. 5 s)."""
+    return max(0.05, min(claim_idle_ms / 2000, 5.0))
+
+
+def live_window_ms(claim_idle_ms: int) -> int:
     """How recent a heartbeat must be for its replica to count as alive."""
-    return int(interval_s * 1000 * LIVE_INTERVALS) + 1000
+    return int(interval_s(claim_idle_ms) * 1000 * LIVE_INTERVALS) + 1000
 
 
 PROTOCOL = 2

@@ -53,16 +53,19 @@ class Status:
         return {**asdict(self), "replicas_agree": self.replicas_agree}
 
 
-def read_status(client: redis.Redis, settings: Settings) -> Status | None:
-    """The status of the stream and its group; None if the stream does not exist."""
+def read_status(
+    client: redis.Redis, settings: Settings, found: lag.Lag | None = None
+) -> Status | None:
+    """The status of the stream and its group; None if the stream does not exist. ``found``:
+    the group's lag if the caller has just read it (it may count entries: not twice)."""
     s = settings
     if not client.exists(s.stream):
         return None
     seconds, micros = client.time()
     now_ms = seconds * 1000 + micros // 1000
-    interval_s = max(0.05, min(s.claim_idle_ms / 2000, 5.0))  # the reclaim interval
-    live = replicas.live(client, s.stream, replicas.live_window_ms(interval_s))
-    found = lag.group_lag(client, s.stream, s.group, repair=False)
+    live = replicas.live(client, s.stream, replicas.live_window_ms(s.claim_idle_ms))
+    if found is None:
+        found = lag.group_lag(client, s.stream, s.group, repair=False)
     groups = {_text(g["name"]): g for g in client.xinfo_groups(s.stream)}
     consumers: list[Consumer] = []
     pending, oldest = 0, None

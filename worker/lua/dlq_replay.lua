@@ -2,10 +2,11 @@
 -- fields and leaves the dead-letter stream, in one atomic step, so an interrupted replay
 -- never duplicates or drops an entry.
 -- KEYS[1] dead-letter stream, KEYS[2] source stream (same slot in a cluster);
--- ARGV the dead-letter ids. The fields deadletter.lua added (error, source_id, and
--- fields_truncated before them) are the last pairs: they are dropped.
--- Returns {{dead id, new id}, ...}, then {ids not found}.
-local moved, missing = {}, {}
+-- ARGV the dead-letter ids. The fields deadletter.lua added (error, source_id) are the last
+-- pairs: they are dropped. An entry it truncated (fields_truncated) is not replayed: the
+-- fields it lost may be what made it invalid (a second `counter`, say).
+-- Returns {{dead id, new id}, ...}, then {ids not found}, then {ids refused: truncated}.
+local moved, missing, truncated = {}, {}, {}
 for _, id in ipairs(ARGV) do
   local found = redis.call('XRANGE', KEYS[1], id, id)
   if #found == 0 then
@@ -16,14 +17,13 @@ for _, id in ipairs(ARGV) do
     if n >= 4 and flat[n - 3] == 'error' and flat[n - 1] == 'source_id' then
       n = n - 4
     end
-    if n >= 2 and flat[n - 1] == 'fields_truncated' then
-      n = n - 2
-    end
     local fields = {}
     for i = 1, n do
       fields[i] = flat[i]
     end
-    if #fields == 0 then  -- an entry deleted before it was judged: nothing to replay
+    if n >= 2 and flat[n - 1] == 'fields_truncated' then
+      truncated[#truncated + 1] = id
+    elseif #fields == 0 then  -- an entry deleted before it was judged: nothing to replay
       missing[#missing + 1] = id
     else
       local new = redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -32,4 +32,4 @@ for _, id in ipairs(ARGV) do
     end
   end
 end
-return {moved, missing}
+return {moved, missing, truncated}
