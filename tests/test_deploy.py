@@ -60,3 +60,15 @@ def test_the_scalers_read_the_lag_of_the_deployments_group() -> None:
     (metric,) = load("hpa.yaml")["spec"]["metrics"]
     exported = {family.name for family in Metrics().registry.collect()}
     assert metric["external"]["metric"]["name"] in exported
+
+
+def test_the_hpa_sees_one_lag_per_group_not_the_sum_over_replicas() -> None:
+    """Every replica exports the same group lag: the adapter rule must take their max."""
+    (metric,) = load("hpa.yaml")["spec"]["metrics"]
+    (rule,) = load("prometheus-adapter.yaml")["rules"]["external"]
+    assert rule["name"]["as"] == metric["external"]["metric"]["name"]
+    exported = {family.name for family in Metrics().registry.collect()}
+    assert rule["seriesQuery"].split("{")[0] in exported
+    query = rule["metricsQuery"].replace(" ", "")
+    assert query.startswith("max(<<.Series>>{<<.LabelMatchers>>})"), query
+    assert "sum" not in query
