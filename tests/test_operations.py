@@ -25,8 +25,11 @@ from helpers import (
     values,
     wait_drained,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config import Settings
+from config.settings import MIN_CLAIM_IDLE_MS
 from worker import counters, replicas
 from worker.connection import connect, ensure_group
 from worker.errors import ExitCode
@@ -99,6 +102,34 @@ def test_idle_replicas_that_say_they_are_alive_are_never_removed_from_the_group(
     assert reclaimer.prune_consumers() == [b"dead-idle"]
     assert consumers(r) == {b"live-idle"}
     assert set(replicas.live(r, STREAM, 5_000)) == {"live-idle"}
+
+
+@given(claim_idle_ms=st.integers(MIN_CLAIM_IDLE_MS, 10**9))
+def test_a_replica_in_the_longest_turn_its_settings_allow_still_counts_as_alive(
+    claim_idle_ms: int,
+) -> None:
+    # Between two heartbeats a replica may sweep (the interval) and then finish batches
+    # whose busy entries wait up to LOCK_WAIT_MS, which the settings cap at CLAIM_IDLE_MS / 4.
+    # (The first window, 3 intervals + 1 s, missed it from CLAIM_IDLE_MS = 40 s on.)
+    wait = claim_idle_ms // 4
+    settings = Settings(
+        claim_idle_ms=claim_idle_ms,
+        lock_ttl_ms=100,
+        lock_wait_ms=wait,
+        shutdown_grace_ms=wait + 5000,
+    )
+    longest_gap_ms = replicas.interval_s(claim_idle_ms) * 1000 + settings.lock_wait_ms
+    assert replicas.live_window_ms(claim_idle_ms) >= longest_gap_ms + 1000
+
+
+def test_a_turn_waiting_the_longest_lock_wait_is_alive_for_the_liveness_probe(
+    make_consumer: MakeConsumer,
+) -> None:
+    consumer = make_consumer(claim_idle_ms=600_000, lock_wait_ms=150_000, shutdown_grace_ms=160_000)
+    consumer.turn()
+    consumer.last_progress = time.monotonic() - 120  # 2 minutes on busy locks, within 150 s
+    healthy, why = consumer.alive()
+    assert healthy, why
 
 
 def test_a_running_replica_is_listed_live_and_leaves_the_list_on_shutdown(

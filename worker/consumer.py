@@ -365,9 +365,10 @@ class Consumer:
 
     def alive(self) -> tuple[bool, str]:
         """Liveness (``/healthz``): the loop went round lately. A turn waits at most a read
-        (BLOCK_MS), a command (its socket timeout, BLOCK_MS + 10 s) or a backoff (5 s)."""
+        (BLOCK_MS), a command (its socket timeout, BLOCK_MS + 10 s), busy locks (LOCK_WAIT_MS)
+        or a backoff (5 s)."""
         quiet = time.monotonic() - self.last_progress
-        limit = 2 * (self.s.block_ms / 1000 + 10) + 10
+        limit = 2 * ((self.s.block_ms + self.s.lock_wait_ms) / 1000 + 10) + 10
         return quiet < limit, f"the loop went round {quiet:.1f} s ago (limit {limit:.0f} s)"
 
     def ready(self) -> tuple[bool, str]:

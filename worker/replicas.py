@@ -45,8 +45,10 @@ def interval_s(claim_idle_ms: int) -> float:
 
 
 def live_window_ms(claim_idle_ms: int) -> int:
-    """How recent a heartbeat must be for its replica to count as alive."""
-    return int(interval_s(claim_idle_ms) * 1000 * LIVE_INTERVALS) + 1000
+    """How recent a heartbeat must be for its replica to count as alive: a few intervals,
+    plus the longest a turn can run past a sweep (it finishes the batches in flight, whose
+    busy entries may wait LOCK_WAIT_MS, at most CLAIM_IDLE_MS / 4), plus a second."""
+    return int(interval_s(claim_idle_ms) * 1000 * LIVE_INTERVALS) + claim_idle_ms // 4 + 1000
 
 
 PROTOCOL = 2
