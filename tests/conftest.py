@@ -34,6 +34,7 @@ from worker.connection import connect, ensure_group
 from worker.consumer import Consumer
 
 ACL_USER, ACL_PASSWORD = "stream-counter", "pw-acl-7"
+OPERATOR_USER, OPERATOR_PASSWORD = "stream-counter-ops", "pw-ops-7"
 OTHER_STREAMS = ("other", "s1", "s2")
 HOW_TO_GET_REDIS = (
     "no Redis for the tests: install redis-server (e.g. `apt-get install redis-server`), "
@@ -48,10 +49,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def acl_rules() -> list[str]:
+def acl_rules(*, operator: bool = False) -> list[str]:
     """worker/acl.py's rules for the suite's stream, and the keys of the few tests that use
     streams of their own."""
-    rules = acl.rules(STREAM, f"{STREAM}:dead")
+    rules = acl.rules(STREAM, f"{STREAM}:dead", operator=operator)
     for other in OTHER_STREAMS:
         rules += (f"~{k}" for k in acl.key_patterns(other, f"{other}:dead"))
     return rules
@@ -73,6 +74,11 @@ class RedisServer:
         server through its URL proves that ACL is enough."""
         return f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{self.port}/0"
 
+    @property
+    def operator_url(self) -> str:
+        """As the operator's user (a replica's ACL and what `dlq` needs)."""
+        return f"redis://{OPERATOR_USER}:{OPERATOR_PASSWORD}@127.0.0.1:{self.port}/0"
+
     def start(self) -> None:
         args = [
             "redis-server",
@@ -84,6 +90,7 @@ class RedisServer:
             "--appendfsync", "always",
             "--logfile", str(self.workdir / "redis.log"),
             "--user", ACL_USER, "on", f">{ACL_PASSWORD}", *acl_rules(),  # there from the start
+            "--user", OPERATOR_USER, "on", f">{OPERATOR_PASSWORD}", *acl_rules(operator=True),
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -122,6 +129,10 @@ class RedisServer:
 class ExternalRedis:
     url: str
     controllable: bool = False
+
+    @property
+    def operator_url(self) -> str:
+        return self.url
 
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis.from_url(self.url, **kwargs)

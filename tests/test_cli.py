@@ -430,10 +430,30 @@ def test_worker_survives_redis_restart_without_persistence(
     assert worker.proc.poll() is None, worker.log()
 
 
-def test_the_readme_gives_the_acl_the_worker_needs() -> None:
+def test_the_readme_gives_the_acls_of_a_replica_and_of_an_operator() -> None:
     readme = (ROOT / "README.md").read_text()
     rules = " ".join(acl.rules("events", "events:dead"))
     assert f"ACL SETUSER stream-counter on >PASSWORD {rules}\n" in readme
+    rules = " ".join(acl.rules("events", "events:dead", operator=True))
+    assert f"ACL SETUSER stream-counter-ops on >PASSWORD {rules}\n" in readme
+
+
+def test_the_acl_of_a_stream_named_with_glob_characters_grants_that_stream_only(
+    r: redis.Redis,
+) -> None:
+    r.execute_command("ACL", "SETUSER", "globs", "on", ">pw", *acl.rules("ev*", "ev?:dead"))
+    try:
+
+        def may(*command: str) -> bool:
+            return r.execute_command("ACL", "DRYRUN", "globs", *command) == b"OK"
+
+        for granted in (["XLEN", "ev*"], ["XLEN", "ev?:dead"], ["ZSCORE", "{ev*}:replicas", "x"]):
+            assert may(*granted), granted
+        refused = (["XLEN", "events"], ["XLEN", "evx:dead"], ["ZSCORE", "{evx}:replicas", "x"])
+        for command in refused:
+            assert not may(*command), command
+    finally:
+        r.execute_command("ACL", "DELUSER", "globs")
 
 
 def test_the_password_in_the_url_never_appears_in_a_workers_log_or_status(

@@ -55,12 +55,12 @@ def test_replay_puts_entries_back_once_and_the_worker_counts_them(
 ) -> None:
     first = dead_letter(r, "5-0", "ERR value is not an integer", counter="fixed", amount="4")
     second = dead_letter(r, "6-0", "ERR overflow", counter="fixed", amount="6", event_id="k")
-    proc = dlq(redis_server.url, "replay", first, second, "9-9")
+    proc = dlq(redis_server.operator_url, "replay", first, second, "9-9")
     assert proc.returncode == ExitCode.FAILURE  # one id was not there
     assert proc.stderr.strip() == f"stream-counter: no entry 9-9 in {DEAD}"
     assert [line.split()[1] for line in proc.stdout.splitlines()] == [first, second]
     assert r.xlen(DEAD) == 0
-    again = dlq(redis_server.url, "replay", first)
+    again = dlq(redis_server.operator_url, "replay", first)
     assert again.returncode == ExitCode.FAILURE  # already replayed: nothing twice
     assert r.xlen(STREAM) == 2
     entries = [fields for _, fields in r.xrange(STREAM)]
@@ -78,7 +78,7 @@ def test_replay_all_moves_thousands_of_entries_exactly_once(
             "XADD", DEAD, "*", "counter", f"c{i}", "error", "e", "source_id", f"{i}-0"
         )
     pipe.execute()
-    proc = dlq(redis_server.url, "replay", "--all")
+    proc = dlq(redis_server.operator_url, "replay", "--all")
     assert proc.returncode == ExitCode.OK, proc.stderr
     assert (r.xlen(DEAD), r.xlen(STREAM)) == (0, 2500)
     names = {fields[b"counter"] for _, fields in r.xrange(STREAM)}
@@ -90,14 +90,14 @@ def test_purge_asks_for_yes_and_deletes_only_what_is_older(
 ) -> None:
     r.execute_command("XADD", DEAD, "1000-0", "counter", "old", "error", "e", "source_id", "1-0")
     recent = dead_letter(r, "2-0", "e", counter="new")
-    dry = dlq(redis_server.url, "purge", "--older-than", "7d")
+    dry = dlq(redis_server.operator_url, "purge", "--older-than", "7d")
     assert dry.returncode == ExitCode.FAILURE
     assert dry.stdout.startswith(f"would delete 1 entries from {DEAD}")
     assert r.xlen(DEAD) == 2
-    done = dlq(redis_server.url, "purge", "--older-than", "7d", "--yes")
+    done = dlq(redis_server.operator_url, "purge", "--older-than", "7d", "--yes")
     assert done.returncode == ExitCode.OK
     assert [bytes(i).decode() for i, _ in r.xrange(DEAD)] == [recent]
-    assert dlq(redis_server.url, "purge", recent, "--yes").returncode == ExitCode.OK
+    assert dlq(redis_server.operator_url, "purge", recent, "--yes").returncode == ExitCode.OK
     assert r.xlen(DEAD) == 0
 
 
@@ -121,10 +121,23 @@ def test_an_entry_dead_lettered_with_its_fields_cut_short_is_not_replayed(
         "XADD", DEAD, "*", "counter", "a", "fields_truncated", "1000 of 1500 fields kept",
         "error", "field 'counter' appears more than once", "source_id", "7-0",
     ).decode()  # fmt: skip
-    proc = dlq(redis_server.url, "replay", cut)
+    proc = dlq(redis_server.operator_url, "replay", cut)
     assert proc.returncode == ExitCode.FAILURE
     assert (
         proc.stderr.strip()
         == f"stream-counter: not replayed {cut}: it lost fields when dead-lettered"
     )
     assert (r.xlen(DEAD), r.exists(STREAM)) == (1, 0)
+
+
+def test_a_replicas_user_cannot_delete_dead_letters_and_is_told_what_it_lacks(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    # Replicas never delete an entry: their ACL has no XDEL (worker/acl.py); dlq needs it.
+    first = dead_letter(r, "1-0", "e", counter="a")
+    for args in (["purge", first, "--yes"], ["replay", first]):
+        proc = dlq(redis_server.url, *args)
+        assert proc.returncode == ExitCode.FAILURE, proc
+        assert "xdel" in proc.stderr.lower(), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (r.xlen(DEAD), r.exists(STREAM)) == (1, 0)  # nothing moved, nothing lost

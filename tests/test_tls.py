@@ -160,6 +160,16 @@ def test_a_server_certificate_the_ca_does_not_vouch_for_stops_the_worker_with_ex
     assert "TLS handshake refused" in worker.log()
 
 
+def test_a_server_certificate_for_another_host_stops_the_worker_with_exit_3(
+    tls_redis: TlsRedis, spawn_worker: Any
+) -> None:
+    # The server's certificate names 127.0.0.1 only; redis-py < 6 did not check the name.
+    worker = spawn_worker(f"rediss://localhost:{tls_redis.port}/0", **tls_redis.tls())
+    assert worker.wait(20) == ExitCode.REDIS
+    assert "TLS handshake refused" in worker.log()
+    assert "hostname" in worker.log().lower() or "match" in worker.log().lower()
+
+
 def test_tls_files_without_rediss_or_a_cert_without_its_key_are_refused_at_start(
     tls_redis: TlsRedis,
 ) -> None:

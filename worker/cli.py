@@ -356,7 +356,13 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
     except redis.RedisError as exc:
-        print(f"stream-counter: dlq {action}: {scrub(str(exc))}", file=sys.stderr)
+        why = scrub(str(exc))
+        if isinstance(exc, redis.exceptions.NoPermissionError) or "can't run" in why:
+            why = (
+                f"this Redis user may not run what dlq {action} needs (XDEL: replicas' ACL "
+                f"lacks it); use an operator's user (README, Least privilege)"
+            )
+        print(f"stream-counter: dlq {action}: {why}", file=sys.stderr)
         return ExitCode.FAILURE
     finally:
         client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
@@ -60,14 +62,17 @@ def connect(settings: Settings) -> redis.Redis:
     redis-py's own retry is off: a command that may have run must be seen as an error by
     the consumer loop, which knows what is safe to repeat.
     """
-    tls: dict[str, str] = {}
+    url = settings.redis_url.get_secret_value()
+    tls: dict[str, Any] = {}
+    if url.startswith("rediss://"):
+        tls["ssl_check_hostname"] = True  # redis-py < 6 does not check it by default
     if settings.tls_ca_file is not None:
         tls["ssl_ca_certs"] = str(settings.tls_ca_file)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         tls["ssl_certfile"] = str(settings.tls_cert_file)
         tls["ssl_keyfile"] = str(settings.tls_key_file)
     return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
+        url,
         **tls,
         protocol=2,
         decode_responses=False,

@@ -6,6 +6,15 @@
 -- pairs: they are dropped. An entry it truncated (fields_truncated) is not replayed: the
 -- fields it lost may be what made it invalid (a second `counter`, say).
 -- Returns {{dead id, new id}, ...}, then {ids not found}, then {ids refused: truncated}.
+--
+-- Redis does not undo a script's writes when a later call fails: first make sure the caller
+-- may run both writes (a replica's ACL has no XDEL), so a replay never adds an entry back
+-- that it then cannot delete.
+if not (redis.acl_check_cmd('XADD', KEYS[2], '*', 'f', 'v')
+    and redis.acl_check_cmd('XDEL', KEYS[1], '0-1')) then
+  return redis.error_reply('NOPERM this user may not run XADD on the source stream and ' ..
+    'XDEL on the dead-letter stream')
+end
 local moved, missing, truncated = {}, {}, {}
 for _, id in ipairs(ARGV) do
   local found = redis.call('XRANGE', KEYS[1], id, id)
