@@ -9,12 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from config import ENV_PREFIX
 from worker import counters, replicas
@@ -260,3 +262,15 @@ def cli(url: str, *args: str, **extra_env: str) -> subprocess.CompletedProcess[s
 def beat(r: redis.Redis, name: str, keep_ms: int = 60_000) -> None:
     """A heartbeat of replica ``name`` on the default terms, as its loop sends one."""
     replicas.beat(r, STREAM, name, keep_ms, replicas.terms(10_000, 30_000), 5_000)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics on ``port``, sample name -> value (unlabelled samples only)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels
+    }

@@ -21,7 +21,9 @@ from helpers import (
     bookkeeping_keys,
     dead_letters,
     drained,
+    free_port,
     push_random,
+    scrape,
     values,
     wait_drained,
     wait_until,
@@ -121,13 +123,18 @@ def test_frozen_replica_resumed_after_its_lock_expired_cannot_write(
 ) -> None:
     r = redis_server.client()
     expected = push_random(r, 2000, names=10)
-    frozen = faulty(spawn_worker, redis_server.url, "write", when=when, action="stop", nth=2)
+    port = free_port()
+    frozen = faulty(
+        spawn_worker, redis_server.url, "write", when=when, action="stop", nth=2, metrics_port=port
+    )
     time.sleep(0.2)
     other = spawn_worker(redis_server.url, **FAST)
     wait_drained(r, 60)  # the live replica claimed the frozen one's entries
     frozen.signal(signal.SIGCONT)
     if when == "before":  # its write comes late, after its lock expired: refused
         frozen.wait_for_log("write refused")
+        lost = "stream_counter_lock_lost_total"
+        wait_until(lambda: scrape(port).get(lost, 0) > 0, 5, "the refused write in the metrics")
     time.sleep(1.0)  # let it finish its turn: acks and releases of a late replica
     assert_exact(r, expected)
     stop_cleanly(frozen, other)

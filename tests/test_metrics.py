@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from helpers import STREAM, MakeConsumer, drained, free_port, push, turn_until, wait_until
 
+from worker import counters
 from worker.errors import ExitCode
 from worker.metrics import Metrics
 
@@ -75,6 +76,24 @@ def test_entries_claimed_and_write_failures_are_counted(
     assert sample(metrics, "dead_lettered_total", reason="max_deliveries") == 1
 
 
+def test_a_counter_whose_lock_another_replica_holds_is_counted_busy_and_its_wait_timed(
+    r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    r.set(counters.lane_key("hot", "live"), "someone-else", px=10_000)
+    push(r, "hot", 7)
+    metrics = Metrics()
+    consumer = make_consumer(metrics=metrics, lock_wait_ms=50)
+    consumer.turn()
+    assert sample(metrics, "lock_busy_total") >= 1
+    assert sample(metrics, "lock_wait_seconds_count") >= 1
+    assert sample(metrics, "lock_wait_seconds_sum") > 0
+    assert sample(metrics, "events_applied_total") == 0
+    r.delete(counters.lane_key("hot", "live"))
+    turn_until(consumer, lambda: drained(r))
+    assert sample(metrics, "events_applied_total") == 1
+    assert sample(metrics, "lock_lost_total") == 0  # busy is not lost: nothing was refused
+
+
 def test_http_serves_metrics_health_and_readiness_and_never_the_password(
     own_redis: Any, spawn_worker: Any
 ) -> None:
@@ -97,6 +116,7 @@ def test_http_serves_metrics_health_and_readiness_and_never_the_password(
     own_redis.start()
     own_redis.client().config_set("requirepass", "pw-metrics-7")
     wait_until(lambda: get(port, "/readyz")[0] == 200, 15, "ready again")
+    assert "stream_counter_redis_reconnects_total 1.0" in get(port, "/metrics")[1]
     everything = "".join(get(port, p)[1] for p in ("/metrics", "/healthz", "/readyz"))
     assert "pw-metrics-7" not in everything + worker.log()
 
