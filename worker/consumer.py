@@ -173,7 +173,8 @@ class Consumer:
         check_no_eviction(self.client)
         keep, window = s.claim_idle_ms * 10, replicas.live_window_ms(s.claim_idle_ms)
         live = replicas.beat(self.client, s.stream, s.consumer, keep, self.terms, window)
-        found = lag.group_lag(self.client, s.stream, s.group, repair=True)
+        cap = lag.COUNT_CAP if self.metrics is not None else 0  # without metrics: repair only
+        found = lag.group_lag(self.client, s.stream, s.group, repair=True, cap=cap)
         if found is not None and found.repaired:
             self.log.warning("redis reported a wrong lag for the drained group; repaired")
         if self.metrics is not None and (state := read_status(self.client, s, found)) is not None:
