@@ -3,7 +3,8 @@
 Where a Redis comes from, in this order:
 1. ``STREAM_COUNTER_TEST_REDIS_URL``: a server you run (it is FLUSHALLed before each test;
    tests that kill, pause or restart Redis are skipped);
-2. ``redis-server`` on PATH: one fresh server per test on a free loopback port;
+2. ``redis-server`` on PATH (or the binary ``STREAM_COUNTER_TEST_SERVER`` names, such as the
+   embedded valkey-server): one fresh server per test on a free loopback port;
 3. testcontainers (Docker): one ``redis:7`` container for the session, flushed per test;
 4. otherwise every Redis test is skipped, saying how to get one.
 """
@@ -26,7 +27,7 @@ import pytest
 import redis
 import structlog
 import structlog.testing
-from helpers import STREAM, Logs, MakeConsumer
+from helpers import SERVER, STREAM, Logs, MakeConsumer
 
 from config import Settings
 from worker import acl
@@ -81,7 +82,7 @@ class RedisServer:
 
     def start(self) -> None:
         args = [
-            "redis-server",
+            SERVER,
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.workdir),
@@ -101,7 +102,7 @@ class RedisServer:
                 time.sleep(0.02)
                 continue
             return
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"{SERVER} did not start on port {self.port}")
 
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
@@ -145,7 +146,7 @@ def _flushed(server: ExternalRedis) -> ExternalRedis:
 
 @pytest.fixture(scope="session")
 def _container_url() -> Iterator[str | None]:
-    if os.environ.get("STREAM_COUNTER_TEST_REDIS_URL") or shutil.which("redis-server"):
+    if os.environ.get("STREAM_COUNTER_TEST_REDIS_URL") or shutil.which(SERVER):
         yield None
         return
     try:

@@ -28,6 +28,10 @@ from worker.scripts import Call, Pipe, Round
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
 
+SERVER = os.environ.get("STREAM_COUNTER_TEST_SERVER") or "redis-server"
+"""The server binary the tests start: redis-server on PATH, or another one named by
+STREAM_COUNTER_TEST_SERVER (CI runs the suite again on the embedded valkey-server)."""
+
 STREAM = "events"
 GROUP = "stream-counter"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import SERVER
 
 from config import ENV_PREFIX, LogFormat, LogLevel, Settings, redact_url, settings_table
 from worker.cli import build_parser, load_settings
@@ -477,11 +478,11 @@ def test_scrub_hides_a_password_that_contains_an_at_sign() -> None:
 @pytest.fixture
 def auth_redis(tmp_path: Path) -> Iterator[int]:
     """A redis-server with ``requirepass``; yields its port."""
-    if shutil.which("redis-server") is None:
+    if shutil.which(SERVER) is None:
         pytest.skip("needs redis-server on PATH")
     port = _free_port()
     args = [
-        "redis-server",
+        SERVER,
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",

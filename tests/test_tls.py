@@ -19,11 +19,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import STREAM, MakeConsumer, cli, drained, free_port, push, turn_until, values
+from helpers import (
+    SERVER,
+    STREAM,
+    MakeConsumer,
+    cli,
+    drained,
+    free_port,
+    push,
+    turn_until,
+    values,
+)
 
 from worker.errors import ExitCode
 
-pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
+pytestmark = pytest.mark.skipif(not shutil.which(SERVER), reason="needs redis-server")
 
 
 def _name(cn: str) -> x509.Name:
@@ -118,7 +128,7 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     issue(certs, "client", ca)
     server = TlsRedis(free_port(), certs)
     args = [
-        "redis-server", "--port", "0", "--tls-port", str(server.port),
+        SERVER, "--port", "0", "--tls-port", str(server.port),
         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
         "--tls-cert-file", str(certs / "server.crt"),
         "--tls-key-file", str(certs / "server.key"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 import time
@@ -23,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from config import ENV_PREFIX, Settings
-from worker import __version__, counters, dlq, events, replicas
+from worker import __version__, counters, demo, dlq, load, producer, replicas
 from worker.backoff import reconnect_delay
 from worker.connection import check_server, connect, is_transient
 from worker.consumer import Consumer, sleep_unless
@@ -68,12 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--json", action="store_true", help="one JSON object name -> integer")
     get.add_argument("names", nargs="+", metavar="NAME")
 
-    produce = sub.add_parser("produce", help="push one event to the stream")
+    produce = sub.add_parser(
+        "produce",
+        help="push events: one (NAME), JSON lines (--file), or generated (--events)",
+        description="Push one event (NAME), every event of a JSON-lines file (--file), or "
+        "N generated ones (--events N --counters K).",
+    )
     _add(produce, _COMMON)
-    produce.add_argument("name", metavar="NAME")
+    produce.add_argument("name", metavar="NAME", nargs="?", help="the counter of one event")
     produce.add_argument("--decr", action="store_true", help="decrement instead of increment")
     produce.add_argument("--amount", default=None, help="1 .. 2^63-1 (default 1)")
     produce.add_argument("--event-id", dest="event_id", default=None, help="idempotency key")
+    produce.add_argument(
+        "--file", metavar="PATH", help="JSON lines, one event each ('-': standard input)"
+    )
+    produce.add_argument("--events", type=int, metavar="N", help="generate N events ...")
+    produce.add_argument("--counters", type=int, metavar="K", help="... over K counters")
+    produce.add_argument("--rate", type=float, metavar="R", help="... at most R per second")
+
+    demo = sub.add_parser(
+        "demo", help="a private server, 3 replicas, one killed half-way: counts still exact"
+    )
+    demo.add_argument("--events", type=int, default=20_000, help="events to push (default 20000)")
+    demo.add_argument("--counters", type=int, default=10, help="counters (default 10)")
+    demo.add_argument("--seed", type=int, default=None, help="for the same events again")
 
     status = sub.add_parser("status", help="the stream, its group, lag, pending, replicas")
     _add(status, (*_COMMON, "group", "dead_letter_stream", "claim_idle_ms"))
@@ -133,6 +152,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        if args.events < 2 or not 1 <= args.counters <= args.events:
+            return _usage("demo: --events must be at least 2, --counters 1 .. --events")
+        return demo.run(args.events, args.counters, args.seed, Console())
     settings = load_settings(args)
     if args.command == "run":
         return run(settings)
@@ -144,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(settings)
     if args.command == "dlq":
         return dead_letters(settings, args)
-    return produce(settings, args.name, decr=args.decr, amount=args.amount, event_id=args.event_id)
+    return produce(settings, args)
 
 
 def run(settings: Settings) -> int:
@@ -228,34 +251,53 @@ def get(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
     return ExitCode.OK
 
 
-def produce(
-    settings: Settings, name: str, *, decr: bool, amount: str | None, event_id: str | None
-) -> int:
-    fields: dict[str, str] = {"counter": name}
-    if decr:
+def produce(settings: Settings, args: argparse.Namespace) -> int:
+    """One event, a file of them, or generated ones: exit 0 all sent, 1 an invalid line (the
+    valid ones are sent), 2 usage or an invalid event, 5 Redis unreachable."""
+    modes = [args.name is not None, args.file is not None, args.events is not None]
+    if sum(modes) != 1:
+        return _usage("produce: give one of NAME, --file PATH or --events N")
+    one = (args.decr, args.amount, args.event_id)
+    if not modes[0] and any(x not in (None, False) for x in one):
+        return _usage("produce: --decr, --amount and --event-id go with NAME")
+    if not modes[2] and (args.counters is not None or args.rate is not None):
+        return _usage("produce: --counters and --rate go with --events")
+    rate_ok = args.rate is None or (math.isfinite(args.rate) and args.rate > 0)
+    if modes[2] and (args.events < 1 or (args.counters or 0) < 1 or not rate_ok):
+        return _usage("produce: --events and --counters must be at least 1, --rate above 0")
+    fields = {"counter": args.name or ""}
+    if args.decr:
         fields["op"] = "decr"
-    if amount is not None:
-        fields["amount"] = amount
-    if event_id is not None:
-        fields["event_id"] = event_id
-    flat = [part.encode() for item in fields.items() for part in item]
-    try:
-        events.parse(b"0-0", flat)
-    except InvalidEvent as exc:
-        print(f"stream-counter: invalid event: {exc.reason}", file=sys.stderr)
-        return ExitCode.CONFIG
+    if args.amount is not None:
+        fields["amount"] = args.amount
+    if args.event_id is not None:
+        fields["event_id"] = args.event_id
+    if modes[0]:
+        try:
+            producer.checked(fields)
+        except InvalidEvent as exc:
+            print(f"stream-counter: invalid event: {exc.reason}", file=sys.stderr)
+            return ExitCode.CONFIG
     client = connect(settings)
     try:
-        entry_id = client.xadd(settings.stream, fields)  # type: ignore[arg-type]
+        sender = producer.Producer(client, settings.stream)
+        if modes[0]:
+            print(sender.send(fields))
+            return ExitCode.OK
+        if modes[1]:
+            return load.from_file(sender, args.file, Console(stderr=True))
+        return load.generated(sender, args.events, args.counters, args.rate, Console(stderr=True))
+    except OSError as exc:  # the file
+        print(f"stream-counter: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.CONFIG
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
     except redis.RedisError as exc:  # e.g. the stream key holds another type, OOM
-        print(f"stream-counter: cannot add the event: {scrub(str(exc))}", file=sys.stderr)
+        what = "the event" if modes[0] else "events"
+        print(f"stream-counter: cannot add {what}: {scrub(str(exc))}", file=sys.stderr)
         return ExitCode.FAILURE
     finally:
         client.close()
-    print(entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
-    return ExitCode.OK
 
 
 def status(settings: Settings, *, as_json: bool) -> int:

@@ -1,0 +1,217 @@
+"""``stream-counter demo``: the whole story in a minute, with nothing but Python.
+
+A private server (worker/server.py), three replicas, events pushed with a progress bar, one
+replica killed with SIGKILL half-way, the others claiming its entries, then every counter
+next to its expected total. Nothing outlives the demo: the server and the replicas are in
+a guarded process group (worker/server.py), killed with it even if the demo is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from config import ENV_PREFIX
+from worker import lag
+from worker.counters import read_values
+from worker.errors import ExitCode
+from worker.producer import Fields, Producer, event
+from worker.replicas import live, live_window_ms
+from worker.server import Guard, NoServer, PrivateServer
+
+STREAM, GROUP = "events", "stream-counter"
+REPLICAS = 3
+REPLICA_SETTINGS = {  # short times, so that the takeover shows within seconds
+    "CLAIM_IDLE_MS": "2000",
+    "LOCK_TTL_MS": "1000",
+    "LOCK_WAIT_MS": "500",
+    "BLOCK_MS": "200",
+    "SHUTDOWN_GRACE_MS": "3000",
+    "LOG_FORMAT": "json",
+}
+
+
+@dataclass
+class Replica:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def run(events: int, counters: int, seed: int | None, console: Console) -> int:
+    """The demo; exit 0 when every counter matches its expected total, 1 if not, 3 if no
+    server can be started, 130 on Ctrl-C."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a stop, as Ctrl-C (even if started with
+        signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as `cmd &` does)
+    guard = Guard()
+    try:
+        server = PrivateServer(guard)
+    except NoServer as exc:
+        guard.close()
+        print(f"stream-counter demo: {exc}", file=sys.stderr)
+        return ExitCode.REDIS
+    try:
+        server.start()
+        console.print(f"private server {server.binary.name} on {server.url}", highlight=False)
+        return _show(server, guard, events, counters, random.Random(seed), console)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the replicas and the server")
+        return 130
+    finally:
+        server.stop()
+        guard.close()
+
+
+def _show(
+    server: PrivateServer, guard: Guard, n: int, k: int, rng: random.Random, console: Console
+) -> int:
+    replicas = [_start_replica(server, guard, i) for i in range(1, REPLICAS + 1)]
+    try:
+        with redis.Redis.from_url(server.url) as client:
+            _wait_ready(client, replicas, timeout=30)
+            console.print(f"{REPLICAS} replicas: " + ", ".join(r.name for r in replicas))
+            expected = _push(client, n, k, rng, replicas[1], console)
+            _count(client, n, console, timeout=120)
+            counted = read_values(client, sorted(expected))
+        return _report(expected, counted, console)
+    finally:
+        for replica in replicas:
+            if replica.proc.poll() is None:
+                replica.proc.send_signal(signal.SIGTERM)
+        for replica in replicas:
+            replica.proc.wait(10)
+
+
+def _push(
+    client: redis.Redis, n: int, k: int, rng: random.Random, victim: Replica, console: Console
+) -> Counter[str]:
+    """Push ``n`` events; their expected totals. Half-way, ``victim`` is frozen (SIGSTOP:
+    what it has read stays pending, as with a crash mid-batch), and killed (SIGKILL) a
+    little later."""
+    expected: Counter[str] = Counter()
+    frozen = False
+    with _progress(console) as bar:
+        task = bar.add_task("pushing", total=n)
+        for ids in Producer(client, STREAM).send_many(_events(n, k, rng, expected), chunk=500):
+            bar.advance(task, len(ids))
+            done = bar.tasks[task].completed
+            if not frozen and done >= n // 2:
+                victim.proc.send_signal(signal.SIGSTOP)
+                frozen = True
+            elif frozen and victim.proc.poll() is None and done >= n * 6 // 10:
+                _kill(client, victim, bar.console)
+    if victim.proc.poll() is None:
+        _kill(client, victim, console)
+    return expected
+
+
+def _kill(client: redis.Redis, victim: Replica, console: Console) -> None:
+    held = _pending_of(client, victim.name)
+    victim.proc.kill()
+    victim.proc.wait()
+    claim = REPLICA_SETTINGS["CLAIM_IDLE_MS"]
+    console.print(f"killed {victim.name} (SIGKILL) holding {held} entries it had read;")
+    console.print(f"the others claim them once idle for {claim} ms")
+
+
+def _count(client: redis.Redis, n: int, console: Console, timeout: float) -> None:
+    """Until every event pushed is counted and acknowledged, with a progress bar."""
+    deadline = time.monotonic() + timeout
+    with _progress(console) as bar:
+        task = bar.add_task("counting", total=n)
+        while not bar.finished:
+            found = lag.group_lag(client, STREAM, GROUP, repair=False)
+            pending = client.xpending(STREAM, GROUP)["pending"]
+            bar.update(task, completed=n - (found.entries if found else n) - pending)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every event was counted within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def _start_replica(server: PrivateServer, guard: Guard, i: int) -> Replica:
+    name = f"demo-{i}"
+    env = {
+        **os.environ,
+        **{ENV_PREFIX + k: v for k, v in REPLICA_SETTINGS.items()},
+        ENV_PREFIX + "REDIS_URL": server.url,
+        ENV_PREFIX + "STREAM": STREAM,
+        ENV_PREFIX + "CONSUMER": name,
+    }
+    log = server.workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = guard.popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return Replica(name, proc, log)
+
+
+def _wait_ready(client: redis.Redis, replicas: list[Replica], timeout: float) -> None:
+    """Until every replica has said it is alive (its group is then in place)."""
+    window = live_window_ms(int(REPLICA_SETTINGS["CLAIM_IDLE_MS"]))
+    deadline = time.monotonic() + timeout
+    while set(live(client, STREAM, window)) != {r.name for r in replicas}:
+        for r in replicas:
+            if r.proc.poll() is not None:
+                tail = r.log.read_text(errors="replace")[-1000:]
+                raise RuntimeError(f"replica {r.name} exited ({r.proc.returncode}): {tail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the replicas did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _events(n: int, k: int, rng: random.Random, expected: Counter[str]) -> Iterator[Fields]:
+    """``n`` events over ``k`` counters, some decrements; their totals kept in ``expected``."""
+    for _ in range(n):
+        name, amount, decr = f"demo:{rng.randrange(k)}", rng.randint(1, 9), rng.random() < 0.2
+        expected[name] += -amount if decr else amount
+        yield event(name, amount, decr=decr)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _pending_of(client: redis.Redis, consumer: str) -> int:
+    found = client.xpending_range(STREAM, GROUP, "-", "+", 10_000, consumername=consumer)
+    return len(found)
+
+
+def _report(expected: Counter[str], counted: dict[str, int], console: Console) -> int:
+    table = Table("counter", "expected", "counted", "", title="counters")
+    for name in sorted(expected, key=lambda n: int(n.split(":")[1])):
+        ok = counted[name] == expected[name]
+        table.add_row(
+            name, f"{expected[name]:,}", f"{counted[name]:,}", "✓" if ok else "[red]✗[/red]"
+        )
+    console.print(table)
+    wrong = [n for n in expected if counted[n] != expected[n]]
+    if wrong:
+        console.print(f"[red]{len(wrong)} of {len(expected)} counters do not match[/red]")
+        return ExitCode.FAILURE
+    console.print(
+        f"[green]all {len(expected)} counters match[/green], with one replica killed half-way"
+    )
+    return ExitCode.OK

