@@ -72,7 +72,7 @@ def test_the_demo_counts_exactly_with_a_replica_killed_half_way() -> None:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_nothing_outlives_the_demo_however_it_is_stopped(how: signal.Signals) -> None:
-    proc = demo("--events", "2000000")
+    proc = demo("--events", "300000")
     lines: list[str] = []
     port = server_port(lines, proc)
     wait_until(lambda: len(processes_on(port)) == 4, 20, "the server and 3 replicas")

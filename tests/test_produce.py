@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -248,3 +250,36 @@ def test_produce_usage_errors_exit_2_with_one_line_and_send_nothing(
     assert proc.returncode == ExitCode.CONFIG, proc
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert r.exists(STREAM) == 0
+
+
+# -- the README's producers ----------------------------------------------------------------
+
+
+def readme_blocks(language: str) -> list[str]:
+    section = (ROOT / "README.md").read_text().split("## Producing events", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_the_readmes_redis_cli_and_python_producers_send_events_a_worker_counts(
+    own_redis: Any, r: redis.Redis, make_consumer: MakeConsumer
+) -> None:
+    (cli_lines,) = [b for b in readme_blocks("sh") if "redis-cli" in b]
+    for line in cli_lines.strip().splitlines():
+        args = shlex.split(line.replace("redis-cli", f"redis-cli -p {own_redis.port}", 1))
+        assert subprocess.run(args, capture_output=True, check=False).returncode == 0, line
+    (python,) = readme_blocks("python")
+    exec(python.replace("redis://localhost:6379/0", f"redis://127.0.0.1:{own_redis.port}/0"))
+    turn_until(make_consumer(), lambda: drained(r), turns=500)
+    assert values(r, {"pageviews", "stock:sku-42"}) == {"pageviews": 6, "stock:sku-42": -3}
+    assert values(r, {f"c{i}" for i in range(10)}) == {f"c{i}": 1_000 for i in range(10)}
+
+
+def test_the_readmes_node_and_go_producers_use_the_contracts_fields_only() -> None:
+    contract = {"counter", "op", "amount", "event_id"}
+    (js,) = readme_blocks("js")
+    (go,) = readme_blocks("go")
+    js_fields = set(re.findall(r"(\w+): \"", js)) - {"url"}
+    go_fields = set(re.findall(r"\"(\w+)\": ", go))
+    assert js_fields == contract, js_fields
+    assert go_fields == contract, go_fields
