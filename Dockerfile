@@ -1,7 +1,8 @@
 # stream-counter: one worker replica per container. Configure it with STREAM_COUNTER_*
 # variables; `docker run IMAGE status` (or produce, get, dlq...) runs another command.
 
-# -- build: the locked dependencies (every file checked against its hash), then the project
+# -- build: the locked dependencies and build backend (every file checked against its hash),
+#    then the project, built with that backend (no other download)
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -12,7 +13,8 @@ RUN python -m venv /venv \
 COPY pyproject.toml README.md ./
 COPY config ./config
 COPY worker ./worker
-RUN /venv/bin/pip install --no-deps .
+RUN /venv/bin/pip install --no-deps --no-build-isolation . \
+    && /venv/bin/pip uninstall --yes setuptools
 
 # -- final: the virtual environment only, no build tools, no pip cache, a non-root user
 FROM python:3.11-slim

