@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import redis
+
+from worker import server
+from worker.server import free_port
 
 STREAM = "events"
 GROUP = "bench"
@@ -34,12 +36,6 @@ class BenchFailure(Exception):
 def value_key(name: str) -> str:
     """Same layout as worker/counters.py ``value_key``."""
     return f"sc:{{{name}}}:v"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -90,13 +86,8 @@ class RedisServer:
         return str(self.client().info("server")["redis_version"])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            server.stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

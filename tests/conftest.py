@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pytest
 import redis
 import structlog
 import structlog.testing
-from helpers import SERVER, STREAM, Logs, MakeConsumer
+from helpers import SERVER, STREAM, Logs, MakeConsumer, free_port
 
 from config import Settings
 from worker import acl
@@ -43,12 +42,6 @@ HOW_TO_GET_REDIS = (
     "or start Docker for testcontainers, or set STREAM_COUNTER_TEST_REDIS_URL"
 )
 TESTS = Path(__file__).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def acl_rules(*, operator: bool = False) -> list[str]:

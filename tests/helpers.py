@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from worker.events import parse
 from worker.lock import Locks
 from worker.scripts import Call, Pipe, Round
 from worker.server import NoServer, find_binary
+from worker.server import free_port as free_port  # for the tests
 
 MakeConsumer = Callable[..., Consumer]
 """The ``make_consumer`` fixture: a Consumer driven in the test's process, one turn at a time."""
@@ -244,12 +244,6 @@ def run_calls(r: redis.Redis, calls: list[Call]) -> list[Any]:
 
 
 ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli_env(url: str, **extra: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import SERVER
+from helpers import SERVER, free_port
 
 from config import ENV_PREFIX, LogFormat, LogLevel, Settings, redact_url, settings_table
 from worker.cli import build_parser, load_settings
@@ -35,12 +35,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cli(*args: str, timeout: float = 20, **env: str) -> subprocess.CompletedProcess[str]:
@@ -480,7 +474,7 @@ def auth_redis(tmp_path: Path) -> Iterator[int]:
     """A redis-server with ``requirepass``; yields its port."""
     if shutil.which(SERVER) is None:
         pytest.skip("needs redis-server on PATH")
-    port = _free_port()
+    port = free_port()
     args = [
         SERVER,
         "--port", str(port),
