@@ -91,7 +91,10 @@ def _show(
             replicas = [_start_replica(server, guard, i) for i in range(1, REPLICAS + 1)]
             _wait_ready(client, replicas, timeout=30)
             console.print(f"{REPLICAS} replicas: " + ", ".join(r.name for r in replicas))
-            _push(client, events, n - n // 2, "the rest", console, victim=replicas[1])
+            victim, deadline = replicas[1], time.monotonic() + 2
+            while time.monotonic() < deadline and not _kill_if_holding(client, victim, console):
+                time.sleep(0.002)  # until it is caught mid-batch on the backlog
+            _push(client, events, n - n // 2, "the rest", console, victim=victim)
             _count(client, n, console, timeout=120)
             counted = read_values(client, sorted(expected))
         return _report(expected, counted, console)
@@ -120,15 +123,19 @@ def _push(
         task = bar.add_task(f"pushing {what}", total=count)
         for ids in Producer(client, STREAM).send_many(islice(events, count), chunk=500):
             bar.advance(task, len(ids))
-            if victim is not None and victim.proc.poll() is None:
+            if victim is not None:
                 _kill_if_holding(client, victim, bar.console)
-    if victim is not None and victim.proc.poll() is None:
+    if victim is not None:
         _kill_if_holding(client, victim, console, anyway=True)
 
 
 def _kill_if_holding(
     client: redis.Redis, victim: Replica, console: Console, anyway: bool = False
-) -> None:
+) -> bool:
+    """Kill ``victim`` (SIGKILL) if it holds entries it has read and not finished, as in a
+    crash mid-batch (or ``anyway``); whether it is dead now."""
+    if victim.proc.poll() is not None:
+        return True
     held = 0
     victim.proc.send_signal(signal.SIGSTOP)  # it cannot finish what it holds while we look
     try:
@@ -137,12 +144,14 @@ def _kill_if_holding(
         if not held and not anyway:
             victim.proc.send_signal(signal.SIGCONT)
     if not held and not anyway:
-        return
+        return False
     victim.proc.kill()
     victim.proc.wait()
     claim = REPLICA_SETTINGS["CLAIM_IDLE_MS"]
-    console.print(f"killed {victim.name} (SIGKILL) holding {held} entries it had read;")
+    entries = "entry" if held == 1 else "entries"
+    console.print(f"killed {victim.name} (SIGKILL) holding {held} {entries} it had read;")
     console.print(f"the others claim them once idle for {claim} ms")
+    return True
 
 
 def _count(client: redis.Redis, n: int, console: Console, timeout: float) -> None:
