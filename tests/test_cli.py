@@ -100,7 +100,7 @@ def test_produce_decr_amount_event_id_become_fields(redis_server: Any, r: redis.
     assert r.exists(STREAM) == 0
 
 
-@pytest.mark.parametrize("amount", ["0", "abc", "-3", str(2**63)])
+@pytest.mark.parametrize("amount", ["0", "abc", "-3", str(2**63), ""])
 def test_produce_invalid_amount_exits_2_and_adds_nothing(
     redis_server: Any, r: redis.Redis, amount: str
 ) -> None:

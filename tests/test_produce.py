@@ -267,6 +267,16 @@ def test_produce_events_at_a_rate_takes_the_time_that_rate_needs(
     assert r.xlen(STREAM) == 60
 
 
+def test_produce_an_empty_event_id_is_refused_not_dropped(
+    redis_server: Any, r: redis.Redis
+) -> None:
+    # Dropped, the retry it was meant to dedupe would be counted twice.
+    proc = cli(redis_server.url, "produce", "a", "--event-id", "")
+    assert proc.returncode == ExitCode.CONFIG
+    assert proc.stderr.strip() == "stream-counter: invalid event: field 'event_id' is empty"
+    assert r.exists(STREAM) == 0
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -54,6 +54,8 @@ def _add(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its flags, in the order ``--help`` lists them. One flat list on
+    purpose: each line declares one flag, and split per command it would be read in pieces."""
     parser = argparse.ArgumentParser(
         prog="stream-counter",
         description="Exactly-once counters from a Redis Stream, under a fenced lock.",
@@ -259,9 +261,9 @@ def produce(settings: Settings, args: argparse.Namespace) -> int:
         return _usage(f"produce: {wrong}")
     fields: dict[str, str] = {}
     if args.name is not None:
-        fields = {"counter": args.name}
-        optional = {"op": "decr" if args.decr else None, "amount": args.amount}
-        fields |= {k: v for k, v in {**optional, "event_id": args.event_id}.items() if v}
+        given = {"op": "decr" if args.decr else None, "amount": args.amount}
+        given["event_id"] = args.event_id  # an empty one is given too, and refused
+        fields = {"counter": args.name} | {k: v for k, v in given.items() if v is not None}
         try:
             producer.checked(fields)
         except InvalidEvent as exc:

@@ -64,8 +64,6 @@ def connect(settings: Settings) -> redis.Redis:
     """
     url = settings.redis_url.get_secret_value()
     tls: dict[str, Any] = {}
-    if url.startswith("rediss://"):
-        tls["ssl_check_hostname"] = True  # redis-py < 6 does not check it by default
     if settings.tls_ca_file is not None:
         tls["ssl_ca_certs"] = str(settings.tls_ca_file)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
@@ -74,13 +72,24 @@ def connect(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         **tls,
+        **careful_options(url),
         protocol=2,
         decode_responses=False,
         socket_connect_timeout=5,
         socket_timeout=settings.block_ms / 1000 + 10,
-        retry=Retry(NoBackoff(), 0),
         client_name=f"stream-counter:{settings.consumer}",
     )
+
+
+def careful_options(url: str, retry: Any = Retry) -> dict[str, Any]:
+    """What every client of ours sets (the worker's, a producer's; ``retry``: redis-py's
+    Retry class, or redis.asyncio's): no silent retry (a command repeated after a timeout
+    may have run: an XADD without an ``event_id`` would be added twice), and on
+    ``rediss://`` the server's host name checked (redis-py < 6 does not by default)."""
+    options: dict[str, Any] = {"retry": retry(NoBackoff(), 0)}
+    if url.startswith("rediss://"):
+        options["ssl_check_hostname"] = True
+    return options
 
 
 def check_server(client: redis.Redis) -> str:

@@ -50,6 +50,10 @@ LEAVE = scripts.Script.load("leave_group")
 
 
 class Consumer:
+    """One replica's loop and the state it keeps between turns (hand, backlog, reclaimer,
+    check-in clock), in one class as dramatiq keeps a broker's Redis state: every method is
+    a screen or less, and the protocol's stages live outside it (driver, batch)."""
+
     def __init__(
         self,
         client: redis.Redis,

@@ -23,10 +23,9 @@ from typing import Any
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from worker import events
+from worker.connection import careful_options
 from worker.errors import InvalidEvent
 
 Fields = dict[str, str]
@@ -117,16 +116,6 @@ def _text(entry_id: bytes | str) -> str:
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
-def _client_options(url: str, given: dict[str, Any], retry: Any = Retry) -> dict[str, Any]:
-    """redis-py's options for a producer, unless given: no silent retry (a round trip
-    repeated after a timeout would add events without an ``event_id`` twice), and the
-    server's host name checked on ``rediss://`` (redis-py < 6 does not by default)."""
-    options: dict[str, Any] = {"retry": retry(NoBackoff(), 0)}
-    if url.startswith("rediss://"):
-        options["ssl_check_hostname"] = True
-    return {**options, **given}
-
-
 class Producer:
     """Sends events to one stream (sync). Checks every event before its round trip."""
 
@@ -135,8 +124,8 @@ class Producer:
 
     @classmethod
     def connect(cls, url: str, stream: str = "events", **kwargs: Any) -> Producer:
-        """A producer with its own client (``_client_options``: no silent retries)."""
-        return cls(redis.Redis.from_url(url, **_client_options(url, kwargs)), stream)
+        """A producer with its own client (``careful_options``: no silent retries)."""
+        return cls(redis.Redis.from_url(url, **{**careful_options(url), **kwargs}), stream)
 
     def __enter__(self) -> Producer:
         return self
@@ -166,9 +155,8 @@ class AsyncProducer:
 
     @classmethod
     def connect(cls, url: str, stream: str = "events", **kwargs: Any) -> AsyncProducer:
-        return cls(
-            redis.asyncio.Redis.from_url(url, **_client_options(url, kwargs, AsyncRetry)), stream
-        )
+        options = {**careful_options(url, AsyncRetry), **kwargs}
+        return cls(redis.asyncio.Redis.from_url(url, **options), stream)
 
     async def __aenter__(self) -> AsyncProducer:
         return self
